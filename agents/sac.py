@@ -1,0 +1,280 @@
+"""Multi-task SAC (Haarnoja et al. 2018; multi-task form: Yu et al., Meta-World, CoRL 2019).
+
+Twin critics with Polyak-averaged targets, a tanh-squashed Gaussian actor, and one learnable temperature per task
+(log α_t, target entropy −|A_t|). Task identity enters through the backbone (default: MLP on [s, one_hot(t)]).
+
+Every loss is first written for ONE task's slice of the (T, B, ...) batch; ``torch.func.vmap`` over the task axis
+gives the per-task losses of shape (T,). A *method* (``mtrl.gradients``) turns them into one update of the shared
+parameters — ``mtsac`` averages them. Per task t, with y = r + γ (1 − terminated) (min_j Q̄_j(s′, a′) − α_t log π(a′|s′)):
+
+    critic:  L_Q,t = ½ Σ_j mean_B (Q_j(s, a) − y)²
+    actor:   L_π,t = mean_B (α_t log π(ã|s) − min_j Q_j(s, ã)),    ã = tanh(μ + σ ε)
+    alpha:   L_α,t = −mean_B log α_t (log π(ã|s) + H̄_t),           H̄_t = −|A_t|
+
+Padded action dimensions (``action_mask``) are forced to 0 and excluded from log π, so a task with fewer actions
+has its own entropy target. Time-limit truncation bootstraps (the replay stores ``terminated`` only).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any, Dict, Optional, Set
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from mtrl.config import SACConfig
+from mtrl.gradients import get_method, task_losses
+from mtrl.nets import build_backbone
+
+
+def _prefixed_task_specific(module: nn.Module, prefix: str) -> Set[str]:
+    names: Set[str] = set()
+    for mod_name, mod in module.named_modules():
+        fn = getattr(mod, "task_specific_parameters", None)
+        if callable(fn):
+            base = f"{mod_name}." if mod_name else ""
+            names |= {prefix + base + n for n in fn()}
+    return names
+
+
+def squash(mean: Tensor, log_std: Tensor, eps: Tensor, mask: Tensor):
+    """a = tanh(mean + std·eps) on the real action dimensions, and log π(a) summed over those dimensions."""
+    u = mean + log_std.exp() * eps
+    # log N(u; mean, std) with eps = (u - mean)/std, minus the tanh Jacobian log(1 - tanh(u)^2), written stably.
+    logp = -0.5 * eps.pow(2) - log_std - 0.5 * math.log(2 * math.pi)
+    logp = logp - 2 * (math.log(2.0) - u - nn.functional.softplus(-2 * u))
+    return torch.tanh(u) * mask, (logp * mask).sum(-1)
+
+
+class Actor(nn.Module):
+    """Squashed Gaussian policy: backbone(obs, task) -> (mean, log_std)."""
+
+    def __init__(self, obs_dim: int, act_dim: int, num_tasks: int, backbone: str, backbone_kwargs: Dict[str, Any],
+                 log_std_min: float, log_std_max: float) -> None:
+        super().__init__()
+        self.net = build_backbone(backbone, obs_dim, 2 * act_dim, num_tasks, **backbone_kwargs)
+        self.act_dim = act_dim
+        self.log_std_min, self.log_std_max = log_std_min, log_std_max
+
+    def forward(self, obs: Tensor, task: Tensor):
+        mean, log_std = self.net(obs, task).chunk(2, dim=-1)
+        # tanh-rescaled bounds as in CleanRL / SAC-AE: smooth, never saturates the clamp's zero gradient.
+        log_std = torch.tanh(log_std)
+        log_std = self.log_std_min + 0.5 * (self.log_std_max - self.log_std_min) * (log_std + 1)
+        return mean, log_std
+
+    def sample(self, obs: Tensor, task: Tensor, eps: Tensor, mask: Tensor):
+        """Reparameterised action and its log-probability over the real (unmasked) dimensions."""
+        return squash(*self(obs, task), eps, mask)
+
+    @torch.no_grad()
+    def act(self, obs: Tensor, task: Tensor, mask: Tensor, deterministic: bool,
+            generator: Optional[torch.Generator] = None) -> Tensor:
+        mean, log_std = self(obs, task)
+        if deterministic:
+            return torch.tanh(mean) * mask
+        eps = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=mean.device)
+        return torch.tanh(mean + log_std.exp() * eps) * mask
+
+
+class TwinQ(nn.Module):
+    def __init__(self, obs_dim: int, act_dim: int, num_tasks: int, backbone: str,
+                 backbone_kwargs: Dict[str, Any]) -> None:
+        super().__init__()
+        self.q1 = build_backbone(backbone, obs_dim + act_dim, 1, num_tasks, **backbone_kwargs)
+        self.q2 = build_backbone(backbone, obs_dim + act_dim, 1, num_tasks, **backbone_kwargs)
+
+    def forward(self, obs: Tensor, act: Tensor, task: Tensor):
+        x = torch.cat([obs, act], dim=-1)
+        return self.q1(x, task).squeeze(-1), self.q2(x, task).squeeze(-1)
+
+
+class MTSAC:
+    """The learner-side agent. ``update(batch)`` does one gradient step on critic, actor and temperatures."""
+
+    def __init__(self, obs_dim: int, act_dim: int, num_tasks: int, action_mask: np.ndarray, cfg: SACConfig, *,
+                 backbone: str = "mlp", backbone_kwargs: Optional[Dict[str, Any]] = None, method: str = "mtsac",
+                 method_kwargs: Optional[Dict[str, Any]] = None, device: str | torch.device = "cpu",
+                 seed: int = 0) -> None:
+        self.cfg = cfg
+        self.device = torch.device(device)
+        self.num_tasks, self.obs_dim, self.act_dim = num_tasks, obs_dim, act_dim
+        bk = dict(backbone_kwargs or {})
+        self.actor = Actor(obs_dim, act_dim, num_tasks, backbone, bk, cfg.log_std_min, cfg.log_std_max).to(self.device)
+        self.critic = TwinQ(obs_dim, act_dim, num_tasks, backbone, bk).to(self.device)
+        self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
+        self.log_alpha = nn.Parameter(torch.full((num_tasks,), math.log(cfg.init_alpha), device=self.device))
+        self.action_mask = torch.as_tensor(action_mask, dtype=torch.float32, device=self.device)
+        self.target_entropy = -self.action_mask.sum(-1)
+        self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=cfg.actor_lr)
+        self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=cfg.critic_lr)
+        self.alpha_opt = torch.optim.Adam([self.log_alpha], lr=cfg.alpha_lr)
+        mk = dict(method_kwargs or {})
+        # One method instance per optimised loss: stateful methods (FAMO, Nash-MTL, ...) keep separate state.
+        self.critic_method = get_method(method, num_tasks, **mk)
+        self.actor_method = get_method(method, num_tasks, **mk)
+        self.task_ids = torch.arange(num_tasks, device=self.device)
+        self.critic_task_specific = _prefixed_task_specific(self.critic, "")
+        self.actor_task_specific = _prefixed_task_specific(self.actor, "")
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(seed)
+        self.num_updates = 0
+
+    # --- per-task losses (one task's slice; vmapped over the task axis) ---------------------------------------
+    def critic_loss_one(self, params: Dict[str, Tensor], b: Dict[str, Tensor], task: Tensor) -> Tensor:
+        q1, q2 = functional_call(self.critic, params, (b["obs"], b["action"], task))
+        y = b["target"]
+        return 0.5 * ((q1 - y).pow(2).mean() + (q2 - y).pow(2).mean())
+
+    def actor_loss_one(self, params: Dict[str, Tensor], b: Dict[str, Tensor], task: Tensor) -> Tensor:
+        a, logp = squash(*functional_call(self.actor, params, (b["obs"], task)), b["eps"], b["mask"])
+        q1, q2 = functional_call(self.critic, b["critic_params"], (b["obs"], a, task))
+        return (b["alpha"] * logp - torch.min(q1, q2)).mean()
+
+    # --- the update -----------------------------------------------------------------------------------------
+    def _flat(self, x: Tensor) -> Tensor:
+        return x.reshape(-1, *x.shape[2:])
+
+    def compute_targets(self, batch: Dict[str, Tensor], alpha: Tensor) -> Tensor:
+        T, B = batch["reward"].shape
+        with torch.no_grad():
+            tasks = self.task_ids.repeat_interleave(B)
+            mask = self.action_mask.repeat_interleave(B, dim=0)
+            eps = torch.randn((T * B, self.act_dim), generator=self.generator, device=self.device)
+            next_obs = self._flat(batch["next_obs"])
+            a2, logp2 = self.actor.sample(next_obs, tasks, eps, mask)
+            q1, q2 = self.critic_target(next_obs, a2, tasks)
+            v = (torch.min(q1, q2) - alpha.repeat_interleave(B) * logp2).view(T, B)
+            return batch["reward"] + self.cfg.gamma * (1.0 - batch["terminated"]) * v
+
+    def update(self, batch: Dict[str, Tensor]) -> Dict[str, Tensor]:
+        """One update from a (T, B, ...) batch. Returns detached diagnostics (tensors; no host sync here)."""
+        cfg = self.cfg
+        T, B = batch["reward"].shape
+        alpha = self.log_alpha.detach().exp()
+        info: Dict[str, Tensor] = {}
+
+        # Critic.
+        target = self.compute_targets(batch, alpha)
+        cb = {"obs": batch["obs"], "action": batch["action"], "target": target}
+        cparams = dict(self.critic.named_parameters())
+        self.critic_opt.zero_grad(set_to_none=True)
+        cinfo = self._backward(self.critic_method, self.critic_loss_one, cparams, cb, self.critic_task_specific)
+        if cfg.max_grad_norm > 0:
+            nn.utils.clip_grad_norm_(self.critic.parameters(), cfg.max_grad_norm)
+        self.critic_opt.step()
+        info["critic_losses"] = cinfo["losses"]
+        info["critic_diag"] = cinfo  # type: ignore[assignment]
+
+        if self.num_updates % cfg.actor_update_every == 0:
+            eps = torch.randn((T, B, self.act_dim), generator=self.generator, device=self.device)
+            mask = self.action_mask[:, None, :].expand(T, B, self.act_dim)
+            # Temperature: log π from a no-grad pass on the same noise the actor step uses (SB3's ordering).
+            with torch.no_grad():
+                _, logp = self.actor.sample(self._flat(batch["obs"]), self.task_ids.repeat_interleave(B),
+                                            self._flat(eps), self._flat(mask))
+                logp = logp.view(T, B)
+            alpha_losses = -(self.log_alpha[:, None] * (logp + self.target_entropy[:, None])).mean(1)
+            self.alpha_opt.zero_grad(set_to_none=True)
+            alpha_losses.sum().backward()  # each α_t only sees its own task's loss: sum, not mean
+            self.alpha_opt.step()
+            info["alpha_losses"] = alpha_losses.detach()
+            info["entropy"] = -logp.mean(1)
+
+            critic_params = {k: v.detach() for k, v in self.critic.named_parameters()}
+            ab = {"obs": batch["obs"], "eps": eps, "mask": self.action_mask, "alpha": alpha,
+                  "critic_params": critic_params}
+            aparams = dict(self.actor.named_parameters())
+            self.actor_opt.zero_grad(set_to_none=True)
+            ainfo = self._backward(self.actor_method, self.actor_loss_one, aparams, ab, self.actor_task_specific)
+            if cfg.max_grad_norm > 0:
+                nn.utils.clip_grad_norm_(self.actor.parameters(), cfg.max_grad_norm)
+            self.actor_opt.step()
+            info["actor_losses"] = ainfo["losses"]
+            info["actor_diag"] = ainfo  # type: ignore[assignment]
+
+        if self.num_updates % cfg.target_update_every == 0:
+            with torch.no_grad():
+                src = list(self.critic.parameters())
+                dst = list(self.critic_target.parameters())
+                torch._foreach_lerp_(dst, src, cfg.tau)
+        info["alpha"] = self.log_alpha.detach().exp()
+        self.num_updates += 1
+        return info
+
+    def _backward(self, method, loss_fn, params, batch, task_specific):
+        # The critic parameters in the actor batch are shared by all tasks: not vmapped (in_dims None) -- so keep
+        # them out of the vmapped pytree and close over them instead.
+        if "critic_params" in batch:
+            cp = batch["critic_params"]
+            vb = {k: v for k, v in batch.items() if k != "critic_params"}
+            fn = lambda p, b, t: loss_fn(p, {**b, "critic_params": cp}, t)  # noqa: E731
+        else:
+            vb, fn = batch, loss_fn
+        kwargs = {"task_specific": task_specific} if task_specific and getattr(method, "accepts_task_specific",
+                                                                               False) else {}
+        return method.backward(fn, params, vb, self.task_ids, **kwargs)
+
+    def losses(self, batch: Dict[str, Tensor]) -> Dict[str, Tensor]:
+        """Per-task losses (T,) for critic, actor and α on a batch, without updating anything."""
+        T, B = batch["reward"].shape
+        alpha = self.log_alpha.detach().exp()
+        target = self.compute_targets(batch, alpha)
+        cparams = {k: v.detach() for k, v in self.critic.named_parameters()}
+        aparams = {k: v.detach() for k, v in self.actor.named_parameters()}
+        eps = torch.randn((T, B, self.act_dim), generator=self.generator, device=self.device)
+        with torch.no_grad():
+            critic = task_losses(self.critic_loss_one, cparams,
+                                 {"obs": batch["obs"], "action": batch["action"], "target": target}, self.task_ids)
+            ab = {"obs": batch["obs"], "eps": eps, "mask": self.action_mask, "alpha": alpha}
+            actor = task_losses(lambda p, b, t: self.actor_loss_one(p, {**b, "critic_params": cparams}, t),
+                                aparams, ab, self.task_ids)
+            mask = self.action_mask[:, None, :].expand(T, B, self.act_dim)
+            _, logp = self.actor.sample(self._flat(batch["obs"]), self.task_ids.repeat_interleave(B),
+                                        self._flat(eps), self._flat(mask))
+            alpha_l = -(self.log_alpha[:, None] * (logp.view(T, B) + self.target_entropy[:, None])).mean(1)
+        return {"critic": critic, "actor": actor, "alpha": alpha_l}
+
+    # --- acting and state -----------------------------------------------------------------------------------
+    def policy_state(self) -> Dict[str, np.ndarray]:
+        """Actor weights as numpy arrays, for the rollout workers (cheap to ship through Ray's object store)."""
+        return {k: v.detach().cpu().numpy() for k, v in self.actor.state_dict().items()}
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {
+            "actor": self.actor.state_dict(),
+            "critic": self.critic.state_dict(),
+            "critic_target": self.critic_target.state_dict(),
+            "log_alpha": self.log_alpha.detach().clone(),
+            "actor_opt": self.actor_opt.state_dict(),
+            "critic_opt": self.critic_opt.state_dict(),
+            "alpha_opt": self.alpha_opt.state_dict(),
+            "critic_method": self.critic_method.state_dict(),
+            "actor_method": self.actor_method.state_dict(),
+            "generator": self.generator.get_state(),
+            "num_updates": self.num_updates,
+        }
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.actor.load_state_dict(state["actor"])
+        self.critic.load_state_dict(state["critic"])
+        self.critic_target.load_state_dict(state["critic_target"])
+        with torch.no_grad():
+            self.log_alpha.copy_(state["log_alpha"])
+        self.actor_opt.load_state_dict(state["actor_opt"])
+        self.critic_opt.load_state_dict(state["critic_opt"])
+        self.alpha_opt.load_state_dict(state["alpha_opt"])
+        self.critic_method.load_state_dict(state["critic_method"])
+        self.actor_method.load_state_dict(state["actor_method"])
+        self.generator.set_state(state["generator"].cpu() if self.device.type == "cpu" else state["generator"])
+        self.num_updates = int(state["num_updates"])
+
+
+def build_actor(obs_dim: int, act_dim: int, num_tasks: int, cfg: SACConfig, backbone: str,
+                backbone_kwargs: Dict[str, Any]) -> Actor:
+    """The CPU policy a rollout worker holds (same architecture as the learner's actor)."""
+    return Actor(obs_dim, act_dim, num_tasks, backbone, dict(backbone_kwargs), cfg.log_std_min, cfg.log_std_max)

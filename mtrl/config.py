@@ -1,0 +1,258 @@
+"""Every setting of a run, in typed dataclasses; YAML presets; ``--set a.b=c`` overrides; validation.
+
+Precedence (last wins): dataclass defaults < ``configs/default.yaml`` < ``configs/methods/<method>.yaml`` <
+``--config FILE.yaml`` < explicit command-line flags < ``--set key=value``. Unknown keys and bad values raise
+``ConfigError`` with one line naming the value and what is valid; ``scripts/train.py`` turns that into exit code 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, get_type_hints
+
+import yaml
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A bad setting: the message is one line naming the bad value and the valid choices."""
+
+
+@dataclass
+class SACConfig:
+    """MT-SAC (published defaults: Yu et al. 2019; CARE/mtrl; Meta-World+ baselines)."""
+
+    batch_size: int = 128  # per task: the update batch is (T, batch_size)
+    actor_lr: float = 3e-4
+    critic_lr: float = 3e-4
+    alpha_lr: float = 3e-4
+    tau: float = 0.005
+    gamma: float = 0.99
+    init_alpha: float = 1.0
+    buffer_size: int = 1_000_000  # transitions in total, split evenly over tasks
+    learning_starts: int = 1500  # env steps PER TASK with uniform random actions before updates begin
+    updates_per_step: float = 1.0  # gradient updates per vector step (one env step of every task)
+    actor_update_every: int = 1
+    target_update_every: int = 1
+    log_std_min: float = -20.0
+    log_std_max: float = 2.0
+    max_grad_norm: float = 0.0  # 0 = no clipping (mtrl/CARE); Meta-World+ uses 1.0
+
+
+@dataclass
+class Config:
+    suite: Optional[str] = None
+    tasks: List[str] = field(default_factory=list)
+    method: str = "mtsac"
+    method_kwargs: Dict[str, Any] = field(default_factory=dict)
+    algo: str = "sac"
+    backbone: str = "mlp"
+    backbone_kwargs: Dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
+    total_steps: int = 20_000_000  # env steps summed over all tasks (MT10: 2M per task)
+    workers: int = 2
+    worker_cpus: float = 1.0
+    device: str = "auto"
+    run_dir: Optional[str] = None
+    eval_every: int = 200_000  # env steps (all tasks); 0 = only at the end
+    eval_episodes: int = 50  # per task; Meta-World protocol: 50 = one per goal
+    checkpoint_every: int = 200_000  # env steps; 0 = only at the end
+    resume: Optional[str] = None
+    address: Optional[str] = None
+    log_every: int = 100  # updates between train/* scalars
+    log_grad_every: int = 1000  # updates between grad/* diagnostics (Jacobian methods)
+    weight_sync_every: int = 25  # updates between weight broadcasts to workers
+    chunk_steps: int = 50  # env steps per task per worker call
+    max_lag_steps: int = 0  # env steps collected ahead of the update-to-data ratio; 0 = auto (2 rounds)
+    progress: bool = True
+    save_replay: bool = False  # store the replay buffer in checkpoints (exact resume; large)
+    sac: SACConfig = field(default_factory=SACConfig)
+
+
+ALGOS = ("sac",)
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def _fields(cls: type) -> Dict[str, Any]:
+    hints = get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def valid_keys(cls: type = Config, prefix: str = "") -> List[str]:
+    keys = []
+    for name, tp in _fields(cls).items():
+        if dataclasses.is_dataclass(tp):
+            keys += valid_keys(tp, f"{prefix}{name}.")
+        else:
+            keys.append(prefix + name)
+    return keys
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    origin = getattr(tp, "__origin__", None)
+    args = getattr(tp, "__args__", ())
+    if origin is not None and type(None) in args:  # Optional[X]
+        if value is None or value == "null":
+            return None
+        tp = next(a for a in args if a is not type(None))
+        origin = getattr(tp, "__origin__", None)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}={value!r} is not a boolean; valid: true, false")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+            raise ConfigError(f"{key}={value!r} is not an integer")
+        return int(value)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}={value!r} is not a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r} is not a string")
+        return str(value)
+    if origin in (list, List):
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}={value!r} is not a list")
+        return [str(v) for v in value]
+    if origin in (dict, Dict):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}={value!r} is not a mapping")
+        return dict(value)
+    return value
+
+
+def apply_mapping(cfg: Any, mapping: Dict[str, Any], source: str, prefix: str = "") -> None:
+    """Set nested fields from a (possibly nested) mapping; unknown keys raise ConfigError."""
+    if not isinstance(mapping, dict):
+        raise ConfigError(f"{source}: expected a mapping of settings, got {type(mapping).__name__}")
+    types = _fields(type(cfg))
+    for key, value in mapping.items():
+        full = prefix + str(key)
+        if key not in types:
+            raise ConfigError(f"unknown config key {full!r} in {source}; valid: {', '.join(valid_keys())}")
+        tp = types[key]
+        if dataclasses.is_dataclass(tp):
+            apply_mapping(getattr(cfg, key), value, source, prefix=full + ".")
+        else:
+            setattr(cfg, key, _coerce(full, value, tp))
+
+
+def set_key(cfg: Config, assignment: str) -> None:
+    """Apply one ``a.b=c`` override; the value is parsed as YAML (so 3e-4, true, [a, b], {k: v} work).
+
+    ``method_kwargs.x=1`` and ``backbone_kwargs.x=1`` set one entry of those free-form mappings; the method or
+    backbone itself validates its options when it is built.
+    """
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment!r} is not key=value")
+    key, raw = assignment.split("=", 1)
+    key = key.strip()
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    head, _, rest = key.partition(".")
+    if head in ("method_kwargs", "backbone_kwargs") and rest:
+        getattr(cfg, head)[rest] = value
+        return
+    mapping: Dict[str, Any] = {}
+    node = mapping
+    parts = key.split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+    node[parts[-1]] = value
+    apply_mapping(cfg, mapping, f"--set {assignment}")
+
+
+def load_yaml(path: os.PathLike | str) -> Dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {str(e).splitlines()[0]}") from None
+    return data
+
+
+def method_preset(name: str) -> Optional[Path]:
+    p = CONFIG_DIR / "methods" / f"{name}.yaml"
+    return p if p.is_file() else None
+
+
+def validate(cfg: Config) -> None:
+    """Checks that need no heavy imports; names of suites/methods/backbones are checked by their registries."""
+    from envs import get_suite
+    from mtrl.gradients import available_methods
+    from mtrl.nets import available_backbones
+
+    if cfg.algo not in ALGOS:
+        raise ConfigError(f"unknown algo {cfg.algo!r}; valid: {', '.join(ALGOS)}")
+    if cfg.method not in available_methods():
+        raise ConfigError(f"unknown method {cfg.method!r}; valid: {', '.join(available_methods())}")
+    if cfg.backbone not in available_backbones():
+        raise ConfigError(f"unknown backbone {cfg.backbone!r}; valid: {', '.join(available_backbones())}")
+    if cfg.device not in DEVICES:
+        raise ConfigError(f"unknown device {cfg.device!r}; valid: {', '.join(DEVICES)}")
+    positive = {"total_steps": cfg.total_steps, "eval_episodes": cfg.eval_episodes, "chunk_steps": cfg.chunk_steps,
+                "log_every": cfg.log_every, "log_grad_every": cfg.log_grad_every,
+                "weight_sync_every": cfg.weight_sync_every, "sac.batch_size": cfg.sac.batch_size,
+                "sac.buffer_size": cfg.sac.buffer_size, "sac.actor_update_every": cfg.sac.actor_update_every,
+                "sac.target_update_every": cfg.sac.target_update_every}
+    for k, v in positive.items():
+        if v <= 0:
+            raise ConfigError(f"{k.replace('_', '-') if '.' not in k else k}={v} must be > 0")
+    non_negative = {"workers": cfg.workers, "eval_every": cfg.eval_every, "checkpoint_every": cfg.checkpoint_every,
+                    "max_lag_steps": cfg.max_lag_steps, "sac.learning_starts": cfg.sac.learning_starts,
+                    "sac.max_grad_norm": cfg.sac.max_grad_norm}
+    for k, v in non_negative.items():
+        if v < 0:
+            raise ConfigError(f"{k.replace('_', '-') if '.' not in k else k}={v} must be >= 0")
+    if cfg.worker_cpus <= 0:
+        raise ConfigError(f"worker_cpus={cfg.worker_cpus} must be > 0")
+    if not 0.0 < cfg.sac.tau <= 1.0:
+        raise ConfigError(f"sac.tau={cfg.sac.tau} must be in (0, 1]")
+    if not 0.0 <= cfg.sac.gamma <= 1.0:
+        raise ConfigError(f"sac.gamma={cfg.sac.gamma} must be in [0, 1]")
+    if cfg.sac.updates_per_step <= 0:
+        raise ConfigError(f"sac.updates_per_step={cfg.sac.updates_per_step} must be > 0")
+    for k in ("actor_lr", "critic_lr", "alpha_lr", "init_alpha"):
+        if getattr(cfg.sac, k) <= 0:
+            raise ConfigError(f"sac.{k}={getattr(cfg.sac, k)} must be > 0")
+    try:
+        suite = get_suite(cfg.suite, cfg.tasks or None)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if cfg.sac.buffer_size < suite.num_tasks:
+        raise ConfigError(f"sac.buffer_size={cfg.sac.buffer_size} is smaller than the number of tasks "
+                          f"({suite.num_tasks})")
+    # Build the method and backbone once to validate their options (cheap; raises ValueError on bad options).
+    from mtrl.gradients import get_method
+    from mtrl.nets import build_backbone
+
+    try:
+        get_method(cfg.method, suite.num_tasks, **cfg.method_kwargs)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"method {cfg.method!r}: {str(e).splitlines()[0]}") from None
+    try:
+        build_backbone(cfg.backbone, 4, 2, suite.num_tasks, **cfg.backbone_kwargs)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"backbone {cfg.backbone!r}: {str(e).splitlines()[0]}") from None
+
+
+def to_dict(cfg: Any) -> Dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(data: Dict[str, Any]) -> Config:
+    cfg = Config()
+    apply_mapping(cfg, data, "saved config")
+    return cfg

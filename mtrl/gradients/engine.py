@@ -1,0 +1,210 @@
+"""Task-batched Jacobian engine: per-task gradients in ONE vmapped pass, the Gramian, and write-back into ``.grad``.
+
+Each task's loss depends only on its own slice of the (T, B, ...) batch, so
+
+    torch.func.vmap(torch.func.grad_and_value(loss_fn), in_dims=(None, 0, 0))(params, batch, task_ids)
+
+returns all T gradients (and losses) at about the cost of one ordinary backward (design.md §4). The shared
+parameters' gradients are flattened into the rows of J (T x P); task-specific parameters (``task_specific``: a set
+of names) keep their per-task gradients apart and get the gradient of the MEAN task loss (sum of per-task grads /
+T), which is what autograd of ``losses.mean()`` gives.
+
+Memory: J is T*P floats. The per-task gradients of one vmapped call are another T*P (plus activations); past
+``memory_budget`` bytes (default 1 GiB) the task axis is processed in chunks, each written straight into J.
+
+Numerics: the Gramian and the combination ``w^T J`` are computed at full float32 precision (TF32 matmuls are
+switched off for them): the Gramian's entries are then accurate relative to ``|g_i| |g_j|``, so cosines between
+task gradients are right even when their norms differ by 1e6.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Set, Tuple
+
+import torch
+from torch import Tensor
+from torch.func import grad_and_value, vmap
+from torch.utils import _pytree as pytree
+
+from .base import LossFn
+
+DEFAULT_MEMORY_BUDGET = 1 << 30  # bytes of per-task gradients held by one vmapped call
+
+
+@contextlib.contextmanager
+def full_precision() -> Iterator[None]:
+    """Float32 matmuls at full precision (no TF32 / bf16 shortcuts) inside the block."""
+    prev = torch.get_float32_matmul_precision()
+    if prev != "highest":
+        torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        if prev != "highest":
+            torch.set_float32_matmul_precision(prev)
+
+
+def split_parameters(params: Dict[str, Tensor], task_specific: Optional[Set[str]] = None
+                     ) -> Tuple[List[str], List[str]]:
+    """(shared names, task-specific names) among the trainable tensors of ``params``, in ``params`` order."""
+    ts = set(task_specific or ())
+    unknown = sorted(ts - set(params))
+    if unknown:
+        names = list(params)
+        shown = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
+        raise ValueError(f"task_specific names {unknown} are not in params; valid: {shown}")
+    trainable = [n for n, p in params.items() if p.requires_grad]
+    return [n for n in trainable if n not in ts], [n for n in trainable if n in ts]
+
+
+@dataclass
+class JacobianResult:
+    jacobian: Tensor                 # (T, P) gradients of the shared parameters, row t = task t
+    losses: Tensor                   # (T,) detached
+    gramian: Optional[Tensor]        # (T, T) = J J^T, or None when not asked for
+    shared_names: List[str]          # order of the shared parameters in the columns of J
+    task_specific_names: List[str]
+    task_specific_jacobian: Dict[str, Tensor] = field(default_factory=dict)  # name -> (T, *shape)
+
+    def task_specific_mean(self) -> Dict[str, Tensor]:
+        """Gradient of the mean task loss for every task-specific parameter."""
+        return {n: g.mean(dim=0) for n, g in self.task_specific_jacobian.items()}
+
+
+def _slice_tree(tree: Any, start: int, stop: int) -> Any:
+    return pytree.tree_map(lambda x: x[start:stop] if isinstance(x, Tensor) else x, tree)
+
+
+def compute_jacobian(loss_fn: LossFn, params: Dict[str, Tensor], batch: Any, task_ids: Tensor, *,
+                     task_specific: Optional[Set[str]] = None, chunk_size: Optional[int] = None,
+                     memory_budget: Optional[int] = None, per_task_params: Optional[Dict[str, Tensor]] = None,
+                     with_gramian: bool = True, randomness: str = "different") -> JacobianResult:
+    """Per-task gradients of ``loss_fn`` in one ``vmap(grad_and_value(loss_fn), in_dims=(None, 0, 0))``.
+
+    ``per_task_params``: name -> (T, *shape) values used instead of ``params[name]`` for task t (each task at its
+    own point, e.g. sharpness-aware perturbations); those entries are vmapped with ``in_dims=0``.
+    ``randomness="different"``: random ops in ``loss_fn`` draw independent numbers per task.
+    """
+    shared, ts = split_parameters(params, task_specific)
+    diff_names = shared + ts
+    diff_set = set(diff_names)
+    const = {n: p.detach() for n, p in params.items() if n not in diff_set}
+    point = {n: params[n].detach() for n in diff_names}
+    per_task = dict(per_task_params or {})
+    bad = sorted(set(per_task) - diff_set)
+    if bad:
+        raise ValueError(f"per_task_params names {bad} are not trainable entries of params")
+
+    t = int(task_ids.shape[0])
+    ref = point[shared[0]] if shared else (point[ts[0]] if ts else None)
+    if ref is None:
+        raise ValueError("params holds no trainable tensor (requires_grad=True)")
+    dtype, device = ref.dtype, ref.device
+    n_shared = sum(point[n].numel() for n in shared)
+    n_ts = sum(point[n].numel() for n in ts)
+
+    def one_task(diff: Dict[str, Tensor], batch_t: Any, task_id: Tensor) -> Tensor:
+        return loss_fn({**const, **diff}, batch_t, task_id)
+
+    in_dims_params = {n: (0 if n in per_task else None) for n in diff_names}
+    batched = vmap(grad_and_value(one_task), in_dims=(in_dims_params, 0, 0), randomness=randomness)
+
+    if chunk_size is None:
+        budget = DEFAULT_MEMORY_BUDGET if memory_budget is None else int(memory_budget)
+        per_task_bytes = max(1, (n_shared + n_ts) * ref.element_size())
+        chunk_size = max(1, min(t, budget // per_task_bytes))
+    chunk_size = max(1, min(int(chunk_size), t))
+
+    jac = torch.empty(t, n_shared, dtype=dtype, device=device)
+    ts_jac = {n: torch.empty((t, *point[n].shape), dtype=point[n].dtype, device=device) for n in ts}
+    losses = torch.empty(t, dtype=dtype, device=device)
+    for start in range(0, t, chunk_size):
+        stop = min(t, start + chunk_size)
+        whole = start == 0 and stop == t
+        b = batch if whole else _slice_tree(batch, start, stop)
+        ids = task_ids if whole else task_ids[start:stop]
+        inputs = {n: (per_task[n] if whole else per_task[n][start:stop]) if n in per_task else point[n]
+                  for n in diff_names}
+        grads, vals = batched(inputs, b, ids)
+        if shared:
+            torch.cat([grads[n].reshape(stop - start, -1) for n in shared], dim=1, out=jac[start:stop])
+        for n in ts:
+            ts_jac[n][start:stop] = grads[n]
+        losses[start:stop] = vals.detach()
+        del grads, vals
+    g = gramian(jac) if with_gramian else None
+    return JacobianResult(jac, losses, g, shared, ts, ts_jac)
+
+
+def losses_at(loss_fn: LossFn, params: Dict[str, Tensor], batch: Any, task_ids: Tensor,
+              per_task_params: Dict[str, Tensor], randomness: str = "different") -> Tensor:
+    """(T,) losses (no graph) with task t evaluated at ``per_task_params[name][t]`` where given."""
+    point = {n: p.detach() for n, p in params.items()}
+    in_dims_params = {n: (0 if n in per_task_params else None) for n in point}
+    inputs = {n: per_task_params.get(n, p) for n, p in point.items()}
+    with torch.no_grad():
+        return vmap(loss_fn, in_dims=(in_dims_params, 0, 0), randomness=randomness)(inputs, batch, task_ids)
+
+
+def gramian(jacobian: Tensor) -> Tensor:
+    """G = J J^T (T x T), symmetrised, at full float32 precision."""
+    with full_precision():
+        g = jacobian @ jacobian.T
+    return (g + g.T) / 2
+
+
+def combine(weights: Tensor, jacobian: Tensor) -> Tensor:
+    """``w^T J`` (P,) at full precision; ``weights`` may live on the CPU / in float64."""
+    w = weights.to(device=jacobian.device, dtype=jacobian.dtype)
+    with full_precision():
+        return w @ jacobian
+
+
+def flatten(tensors: Dict[str, Tensor], names: Sequence[str]) -> Tensor:
+    """Concatenate ``tensors[n].reshape(-1)`` for ``n`` in ``names`` (the column order of J)."""
+    return torch.cat([tensors[n].reshape(-1) for n in names])
+
+
+def unflatten(vec: Tensor, params: Dict[str, Tensor], names: Sequence[str]) -> Dict[str, Tensor]:
+    """Inverse of :func:`flatten`; a leading batch axis of ``vec`` (shape (..., P)) is kept."""
+    out, i = {}, 0
+    lead = vec.shape[:-1]
+    for n in names:
+        k = params[n].numel()
+        out[n] = vec[..., i:i + k].reshape(*lead, *params[n].shape)
+        i += k
+    if i != vec.shape[-1]:
+        raise ValueError(f"vector has {vec.shape[-1]} entries but the parameters {list(names)[:4]}... hold {i}")
+    return out
+
+
+def _accumulate(p: Tensor, g: Tensor) -> None:
+    g = g.detach().to(dtype=p.dtype, device=p.device).reshape(p.shape)
+    if p.grad is None:
+        p.grad = g.clone()
+    else:
+        p.grad.add_(g)
+
+
+def write_back(params: Dict[str, Tensor], names: Sequence[str], vec: Tensor) -> None:
+    """Write a combined P-vector into ``.grad`` of the shared parameters ``names`` (added to an existing
+    ``.grad``, as autograd accumulates)."""
+    n_total = sum(params[n].numel() for n in names)
+    if vec.dim() != 1 or vec.numel() != n_total:
+        raise ValueError(f"combined gradient has shape {tuple(vec.shape)}, expected ({n_total},)")
+    with torch.no_grad():
+        for n, g in unflatten(vec, params, names).items():
+            _accumulate(params[n], g)
+
+
+def write_task_specific(params: Dict[str, Tensor], grads: Dict[str, Tensor]) -> None:
+    """Write (accumulate) ordinary gradients, e.g. ``JacobianResult.task_specific_mean()``."""
+    with torch.no_grad():
+        for n, g in grads.items():
+            _accumulate(params[n], g)
+
+
+def numel(params: Dict[str, Tensor], names: Sequence[str]) -> int:
+    return int(sum(params[n].numel() for n in names))

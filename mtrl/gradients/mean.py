@@ -1,0 +1,24 @@
+"""``mtsac`` (alias ``mean``): the plain average of the task losses — the MT-SAC baseline.
+
+Update rule: g = ∇θ (1/T) Σ_t L_t(θ). One vmapped forward over the task axis, one ordinary backward; no Jacobian.
+Reference: Yu et al., "Meta-World" (CoRL 2019), multi-task SAC with a task one-hot and per-task temperature.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict
+
+from torch import Tensor
+
+from .base import LossFn, Method, task_losses
+from .registry import register
+
+
+@register("mtsac", "mean")
+class MeanMethod(Method):
+    name = "mtsac"
+
+    def backward(self, loss_fn: LossFn, params: Dict[str, Tensor], batch: Any, task_ids: Tensor) -> Dict[str, Any]:
+        losses = task_losses(loss_fn, params, batch, task_ids)
+        losses.mean().backward()
+        return {"losses": losses.detach()}

@@ -1,0 +1,286 @@
+"""Exact float64 solvers for the small T x T problems of the Gramian methods.
+
+Why not torchjd's solvers for MGDA / UPGrad / DualProj: torchjd normalises the Gramian by its trace and adds
+``1e-4 * I`` (UPGrad, DualProj) or stops Frank-Wolfe at a 1e-3 step (MGDA). With RL task gradients whose norms
+differ by 100x or more, the regularisation swamps the small tasks and the "non-conflicting" guarantee fails.
+
+Here every problem is solved in *cosine coordinates*: with ``n_i = |g_i|`` and ``C = D^-1 G D^-1`` (unit diagonal,
+``D = diag(n)``), the variables are rescaled by ``D``, so the problem seen by the solver is well conditioned
+whatever the norm spread, and the guarantees are exact up to float64 rounding (tested at spreads of 1e6):
+
+* ``nnqp``: min 1/2 x^T Q x + c^T x s.t. x >= 0 -- a primal active-set method (Lawson-Hanson / Bro-de Jong
+  "fast NNLS" on the normal equations), finite, exact for positive-definite Q; Q gets a 1e-10 ridge (C has a
+  unit diagonal, so this is relative) to stay definite when task gradients are linearly dependent;
+* ``mgda_weights``: the min-norm point of the convex hull of the g_i through its dual, the least-distance
+  problem min |x|^2 s.t. g_i.x >= 1, i.e. NNQP min 1/2 u^T G u - 1^T u; w = u / sum(u) (so g_i.d >= |d|^2 for
+  every i: non-conflicting);
+* ``dual_cone_weights``: v = argmin v^T G v s.t. v >= a, i.e. the projection of J^T a onto the dual cone
+  {x : J x >= 0} (UPGrad: a = e_i for every i; DualProj: a = 1/T);
+* ``nash_weights``: the Nash bargaining solution G alpha = 1 / alpha via Newton's method on the strictly convex
+  f(b) = 1/2 b^T C b - sum log b (its gradient C b - 1/b vanishes exactly at the solution);
+* ``cagrad_weights``: min_{w in simplex} w^T G 1/T + c |g_0| sqrt(w^T G w) with SLSQP (as the official code) or
+  the MTRL reference's 20 momentum-SGD steps on softmax logits;
+* ``config_weights``: ConFIG's direction ``pinv(U) 1`` expressed through the Gramian.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+RIDGE = 1e-10
+
+
+def _as_numpy(gramian: Tensor | np.ndarray) -> np.ndarray:
+    if isinstance(gramian, Tensor):
+        gramian = gramian.detach().to("cpu", torch.float64).numpy()
+    g = np.asarray(gramian, dtype=np.float64)
+    return (g + g.T) / 2
+
+
+def cosine_coordinates(gramian: Tensor | np.ndarray, zero_tol: float = 1e-15
+                       ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(norms n, cosine matrix C of the nonzero rows, boolean mask of the nonzero rows)."""
+    g = _as_numpy(gramian)
+    n = np.sqrt(np.clip(np.diag(g), 0.0, None))
+    nz = n > zero_tol * max(float(n.max(initial=0.0)), 1e-300)
+    nz &= n > 0
+    m = n[nz]
+    c = g[np.ix_(nz, nz)] / np.outer(m, m)
+    c = np.clip((c + c.T) / 2, -1.0, 1.0)
+    np.fill_diagonal(c, 1.0)
+    return n, c, nz
+
+
+def nnqp(q: np.ndarray, c: np.ndarray, tol: float = 1e-13, max_iter: Optional[int] = None) -> np.ndarray:
+    """argmin_{x >= 0} 1/2 x^T q x + c^T x for symmetric positive (semi)definite ``q`` (ridge added)."""
+    k = c.shape[0]
+    q = q + RIDGE * np.eye(k)
+    x = np.zeros(k)
+    passive = np.zeros(k, dtype=bool)
+    scale = max(1.0, float(np.abs(c).max(initial=0.0)))
+    thr = tol * scale
+    max_iter = max_iter or (10 * k + 50)
+
+    def solve_passive() -> np.ndarray:
+        s = np.zeros(k)
+        idx = np.flatnonzero(passive)
+        if idx.size:
+            sub = q[np.ix_(idx, idx)]
+            try:
+                s[idx] = np.linalg.solve(sub, -c[idx])
+            except np.linalg.LinAlgError:
+                s[idx] = np.linalg.lstsq(sub, -c[idx], rcond=None)[0]
+        return s
+
+    for _ in range(max_iter):
+        w = -(q @ x + c)  # minus the gradient: positive where increasing x_j helps
+        w[passive] = -np.inf
+        j = int(np.argmax(w))
+        if w[j] <= thr:
+            break
+        passive[j] = True
+        s = solve_passive()
+        inner = 0
+        while passive.any() and s[passive].min() <= 0 and inner <= k:
+            inner += 1
+            idx = np.flatnonzero(passive & (s <= 0))
+            steps = x[idx] / np.maximum(x[idx] - s[idx], 1e-300)
+            alpha = float(np.min(steps)) if idx.size else 1.0
+            x = x + alpha * (s - x)
+            passive &= x > thr * 1e-3
+            x[~passive] = 0.0
+            s = solve_passive()
+        x = np.where(passive, np.maximum(s, 0.0), 0.0)
+    return x
+
+
+def mgda_weights(gramian: Tensor | np.ndarray) -> np.ndarray:
+    """MGDA: w on the simplex minimising |J^T w| (the min-norm point of the convex hull of the g_i)."""
+    n, c, nz = cosine_coordinates(gramian)
+    t = n.shape[0]
+    if not nz.all():  # a zero gradient is in the hull: the min-norm point is 0
+        w = np.zeros(t)
+        w[int(np.flatnonzero(~nz)[0])] = 1.0
+        return w
+    y = nnqp(c, -1.0 / n)
+    u = y / n
+    if u.sum() <= 0:
+        return np.full(t, 1.0 / t)
+    return u / u.sum()
+
+
+def dual_cone_weights(gramian: Tensor | np.ndarray, lower: np.ndarray) -> np.ndarray:
+    """For each column a of ``lower`` (T x m, a >= 0): v = argmin v^T G v s.t. v >= a. Returns T x m.
+
+    ``J^T v`` is the projection of ``J^T a`` onto the dual cone {x : g_i . x >= 0 for all i}.
+    """
+    lower = np.asarray(lower, dtype=np.float64)
+    if lower.ndim == 1:
+        lower = lower[:, None]
+    n, c, nz = cosine_coordinates(gramian)
+    out = lower.copy()
+    if not nz.any():
+        return out
+    m = n[nz]
+    for col in range(lower.shape[1]):
+        a = lower[nz, col]
+        ya = m * a  # the lower bound in cosine coordinates
+        if not ya.any():
+            continue
+        x = nnqp(c, c @ ya)
+        out[nz, col] = a + x / m
+    return out
+
+
+def upgrad_weights(gramian: Tensor | np.ndarray) -> np.ndarray:
+    """UPGrad: (1/T) sum_i v_i with v_i the dual-cone projection weights of g_i."""
+    t = _as_numpy(gramian).shape[0]
+    return dual_cone_weights(gramian, np.eye(t)).mean(axis=1)
+
+
+def dualproj_weights(gramian: Tensor | np.ndarray) -> np.ndarray:
+    """DualProj: projection of the mean gradient onto the dual cone."""
+    t = _as_numpy(gramian).shape[0]
+    return dual_cone_weights(gramian, np.full(t, 1.0 / t))[:, 0]
+
+
+def nash_weights(gramian: Tensor | np.ndarray, init: Optional[np.ndarray] = None, tol: float = 1e-10,
+                 max_iter: int = 100, ridge: float = 1e-8) -> Tuple[np.ndarray, bool]:
+    """Nash-MTL: alpha > 0 with (G / |G|_F) alpha = 1 / alpha (Navon et al. 2022, eq. in Thm 5.4).
+
+    Solved in cosine coordinates: b = sqrt(|G|_F)... see module docstring; with alpha = sqrt(s) b / n where
+    s = |G|_F, C b = 1 / b. ``init``: a previous alpha for a warm start. Returns (alpha, converged).
+    Zero gradients get weight 0. ``ridge`` keeps the problem bounded when the task gradients are Pareto-stationary
+    (then no exact solution exists; the ridge picks a large but finite one, like the reference's CCP).
+    """
+    g = _as_numpy(gramian)
+    t = g.shape[0]
+    n, c, nz = cosine_coordinates(g)
+    alpha = np.zeros(t)
+    if not nz.any():
+        return alpha, True
+    s = float(np.linalg.norm(g))
+    m = n[nz]
+    k = int(nz.sum())
+    cr = c + ridge * np.eye(k)
+    b = np.ones(k)
+    if init is not None and np.all(np.isfinite(init)) and np.all(np.asarray(init)[nz] > 0):
+        b = np.asarray(init, dtype=np.float64)[nz] * m / np.sqrt(s)
+
+    def f(v: np.ndarray) -> float:
+        return 0.5 * v @ cr @ v - np.log(v).sum()
+
+    converged = False
+    for _ in range(max_iter):
+        r = cr @ b - 1.0 / b
+        if np.linalg.norm(r) <= tol * max(1.0, np.linalg.norm(1.0 / b)):
+            converged = True
+            break
+        h = cr + np.diag(1.0 / b**2)
+        try:
+            step = -np.linalg.solve(h, r)
+        except np.linalg.LinAlgError:
+            step = -r
+        neg = step < 0
+        tmax = float(np.min(-b[neg] / step[neg])) if neg.any() else np.inf
+        lr = min(1.0, 0.99 * tmax)
+        f0, slope = f(b), float(r @ step)
+        while lr > 1e-12 and f(b + lr * step) > f0 + 1e-4 * lr * slope:
+            lr *= 0.5
+        b = b + lr * step
+    alpha[nz] = np.sqrt(s) * b / m
+    return alpha, converged
+
+
+def cagrad_weights(gramian: Tensor | np.ndarray, c: float, rescale: int = 1, solver: str = "slsqp",
+                   sgd_lr: float = 25.0, sgd_steps: int = 20) -> Tuple[np.ndarray, np.ndarray]:
+    """CAGrad (Liu et al. 2021): weights on the rows of J, and the inner simplex solution w.
+
+    d = g0 + (c |g0| / |g_w|) g_w with w = argmin_{w in simplex} w^T G 1/T + c |g0| sqrt(w^T G w); then
+    rescale 0: d, 1: d / (1 + c^2), 2: d / (1 + c).
+    """
+    g = _as_numpy(gramian)
+    t = g.shape[0]
+    scale = float(np.mean(np.diag(g)))
+    if scale <= 0 or c == 0:
+        w = np.full(t, 1.0 / t)
+        return np.full(t, 1.0 / t) / _rescale(c, rescale), w
+    gs = g / scale  # conditioning only: w is scale invariant
+    b = gs.mean(axis=1)
+    g0_norm = float(np.sqrt(max(gs.mean(), 0.0)))
+    k = c * g0_norm
+    if solver == "slsqp":
+        from scipy.optimize import minimize
+
+        def obj(x: np.ndarray) -> Tuple[float, np.ndarray]:
+            q = float(x @ gs @ x)
+            r = np.sqrt(max(q, 1e-30))
+            return float(x @ b + k * r), b + k * (gs @ x) / r
+
+        best = None
+        for x0 in (np.full(t, 1.0 / t),):
+            res = minimize(obj, x0, jac=True, method="SLSQP", bounds=[(0.0, 1.0)] * t,
+                           constraints=[{"type": "eq", "fun": lambda x: 1.0 - x.sum(),
+                                         "jac": lambda x: -np.ones_like(x)}],
+                           options={"ftol": 1e-14, "maxiter": 500})
+            if best is None or res.fun < best.fun:
+                best = res
+        w = np.clip(best.x, 0.0, None)
+        w = w / w.sum()
+    else:  # "sgd": the MTRL reference (Cranial-XIX/CAGrad mtrl_files/cagrad.py): 20 SGD steps on softmax logits
+        w = _cagrad_sgd(gs, c, sgd_lr, sgd_steps)
+    gw_norm = float(np.sqrt(max(w @ gs @ w, 0.0)))
+    lam = k / gw_norm if gw_norm > 1e-12 else 0.0
+    weights = (np.full(t, 1.0 / t) + lam * w) / _rescale(c, rescale)
+    return weights, w
+
+
+def _rescale(c: float, rescale: int) -> float:
+    return {0: 1.0, 1: 1.0 + c**2, 2: 1.0 + c}[rescale]
+
+
+def _cagrad_sgd(gs: np.ndarray, c: float, lr: float, steps: int) -> np.ndarray:
+    """Softmax-parametrised momentum SGD of the MTRL CAGrad code (its 1e-4 regularisers kept)."""
+    t = gs.shape[0]
+    gg = torch.as_tensor(gs, dtype=torch.float64)
+    g_mean = gg.mean(1, keepdim=True)
+    cc = float(np.sqrt(float(g_mean.mean()) + 1e-4)) * c
+    logits = torch.zeros(t, 1, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.SGD([logits], lr=lr, momentum=0.5)
+    best, best_obj = logits.detach().clone(), float("inf")
+    for i in range(steps + 1):
+        opt.zero_grad()
+        ww = torch.softmax(logits, 0)
+        obj = ww.t().mm(g_mean) + cc * (ww.t().mm(gg).mm(ww) + 1e-4).sqrt()
+        if obj.item() < best_obj:
+            best_obj, best = obj.item(), logits.detach().clone()
+        if i < steps:
+            obj.backward()
+            opt.step()
+    return torch.softmax(best, 0).view(-1).numpy()
+
+
+def config_weights(gramian: Tensor | np.ndarray) -> np.ndarray:
+    """ConFIG (Liu, Chu, Thuerey 2025) as a weighting of the rows of J.
+
+    With U the unit rows, the reference computes u = pinv(U) 1 (least squares), g_u = u / |u| and
+    d = (sum_i g_i . g_u) g_u. Since pinv(U) = U^T pinv(U U^T) = U^T pinv(C), u = J^T a with a = D^-1 pinv(C) 1,
+    |u|^2 = a^T G a and sum_i g_i . u = 1^T G a, so d = J^T a (1^T G a) / (a^T G a).
+    """
+    g = _as_numpy(gramian)
+    t = g.shape[0]
+    n, c, nz = cosine_coordinates(g)
+    out = np.zeros(t)
+    if not nz.any():
+        return out
+    a_nz = np.linalg.pinv(c, hermitian=True) @ np.ones(int(nz.sum()))
+    a = np.zeros(t)
+    a[nz] = a_nz / n[nz]
+    q = float(a @ g @ a)
+    if q <= 0:
+        return out
+    return a * float(np.ones(t) @ g @ a) / q

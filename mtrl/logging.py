@@ -1,0 +1,113 @@
+"""TensorBoard writer and the tag scheme (design.md §6; SB3-like namespaces).
+
+    eval/success_rate, eval/return, eval/<task>/success_rate, eval/<task>/return
+    rollout/ep_rew_mean, rollout/success_rate, rollout/<task>/ep_return
+    train/critic_loss, train/actor_loss, train/alpha_loss, train/entropy, train/<task>/alpha,
+    train/<task>/critic_loss, train/<task>/actor_loss
+    grad/conflict_fraction, grad/cosine (image), grad/<task>/norm, grad/<task>/weight
+    time/fps, time/updates_per_s
+The step axis is environment steps summed over all tasks. Per-task curves are grouped with one custom-scalars
+layout (regexes over the tags above) instead of ``add_scalars``, which would make one run folder per key.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import subprocess
+from pathlib import Path
+from typing import Dict, Iterable, Optional
+
+import numpy as np
+
+
+def versions() -> Dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for pkg in ("torch", "metaworld", "mujoco", "dm_control", "gymnasium", "ray", "numpy"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = "missing"
+    return out
+
+
+def git_commit() -> str:
+    try:
+        root = Path(__file__).resolve().parent.parent
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                              timeout=5).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+class Logger:
+    def __init__(self, run_dir: Path, task_names: Iterable[str]) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=str(run_dir))
+        self.task_names = list(task_names)
+        self.writer.add_custom_scalars({
+            "eval": {
+                "success rate per task": ["Multiline", [r"eval/.*/success_rate"]],
+                "return per task": ["Multiline", [r"eval/.*/return"]],
+            },
+            "train": {
+                "alpha per task": ["Multiline", [r"train/.*/alpha"]],
+                "critic loss per task": ["Multiline", [r"train/.*/critic_loss"]],
+            },
+            "rollout": {"episode return per task": ["Multiline", [r"rollout/.*/ep_return"]]},
+        })
+
+    def text(self, tag: str, text: str) -> None:
+        self.writer.add_text(tag, text, 0)
+
+    def scalar(self, tag: str, value: float, step: int) -> None:
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return
+        self.writer.add_scalar(tag, float(value), step)
+
+    def per_task(self, prefix: str, name: str, values: Iterable[float], step: int) -> None:
+        for task, v in zip(self.task_names, values):
+            self.scalar(f"{prefix}/{task}/{name}", float(v), step)
+
+    def image(self, tag: str, img: np.ndarray, step: int) -> None:
+        self.writer.add_image(tag, img, step, dataformats="HWC")
+
+    def flush(self) -> None:
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def cosine_image(cos: np.ndarray, cell: int = 16) -> np.ndarray:
+    """A T×T cosine matrix as an RGB picture: red = conflict (−1), white = orthogonal, blue = aligned (+1)."""
+    c = np.clip(cos, -1.0, 1.0)
+    r = np.where(c < 0, 1.0, 1.0 - c)
+    b = np.where(c > 0, 1.0, 1.0 + c)
+    g = 1.0 - np.abs(c)
+    img = (np.stack([r, g, b], axis=-1) * 255).astype(np.uint8)
+    return np.kron(img, np.ones((cell, cell, 1), dtype=np.uint8))
+
+
+class Progress:
+    """A console progress bar over environment steps (tqdm), silent when disabled."""
+
+    def __init__(self, total: int, initial: int, enabled: bool) -> None:
+        self.bar: Optional[object] = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, smoothing=0.05)
+
+    def update(self, n: int, **postfix: object) -> None:
+        if self.bar is not None:
+            self.bar.update(n)  # type: ignore[attr-defined]
+            if postfix:
+                self.bar.set_postfix(postfix, refresh=False)  # type: ignore[attr-defined]
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()  # type: ignore[attr-defined]

@@ -1,0 +1,6 @@
+"""Backbones: how task identity enters the networks (design.md §5). One file each, registered by name."""
+
+from .registry import available_backbones, build_backbone, register
+from . import mlp, multihead  # noqa: F401,E402  (registration)
+
+__all__ = ["available_backbones", "build_backbone", "register"]

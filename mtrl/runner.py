@@ -1,0 +1,373 @@
+"""The off-policy training loop: Ray rollout workers -> per-task replay -> MT-SAC learner (design.md §3).
+
+Workers collect continuously (one ``collect`` call in flight per worker); the learner keeps a fixed
+update-to-data ratio — ``sac.updates_per_step`` updates per vector step (one env step of every task) once every
+task has ``sac.learning_starts`` random-action steps. A worker's next chunk is only requested while collection is
+less than ``max_lag_steps`` ahead of that ratio, so a slow learner throttles collection instead of falling behind.
+Weights go to the workers every ``weight_sync_every`` updates.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any, Deque, Dict, List, Optional
+
+import numpy as np
+import torch
+import yaml
+
+from agents.sac import MTSAC
+from envs import Suite, get_suite
+
+from . import checkpoint
+from .config import Config, to_dict
+from .evaluation import summarize
+from .logging import Logger, Progress, cosine_image, git_commit, versions
+from .replay import MultiTaskReplay
+from .rollout import WorkerPool, WorkerSpec, split_tasks
+
+
+class NonFiniteError(RuntimeError):
+    """A loss became NaN/inf; the message names the loss and the task."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is visible to torch; valid here: auto, cpu")
+    return torch.device(name)
+
+
+def default_run_dir(cfg: Config) -> Path:
+    suite = cfg.suite or "custom"
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{suite}_{cfg.method}_{cfg.backbone}_s{cfg.seed}_{stamp}"
+
+
+def protocol(suite: Suite, cfg: Config) -> Dict[str, Any]:
+    from envs.make import REWARD_VERSION
+
+    p: Dict[str, Any] = {"suite": suite.name, "tasks": suite.task_names, "seed": cfg.seed,
+                         "eval_episodes_per_task": cfg.eval_episodes, "deterministic_eval": True,
+                         "horizon": {t.name: t.horizon for t in suite.tasks}, "step_axis": "env steps, all tasks"}
+    if suite.kind in ("metaworld", "mixed"):
+        p.update({"benchmark": "Meta-World v3", "reward_version": REWARD_VERSION, "goals_per_task": 50,
+                  "goal_resampling": "on reset", "success": "info['success'] ever 1 in the episode",
+                  "task_id": "index beside the observation (backbone decides: one-hot for mlp)"})
+    if suite.kind in ("dmc", "mixed"):
+        p.update({"benchmark_dmc": "dm_control suite, state observations, zero-padded", "dmc_metric": "return"})
+    return p
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=float))
+    os.replace(tmp, path)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, run_dir: Path, resume: Optional[Dict[str, Any]] = None) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.suite = get_suite(cfg.suite, cfg.tasks or None)
+        self.device = resolve_device(cfg.device)
+        T = self.suite.num_tasks
+        self.T = T
+        ss = np.random.SeedSequence(cfg.seed)
+        torch_seq, replay_seq, worker_seq, agent_seq = ss.spawn(4)
+        torch.manual_seed(int(torch_seq.generate_state(1)[0]))
+        self.agent = MTSAC(self.suite.obs_dim, self.suite.act_dim, T, self.suite.action_mask, cfg.sac,
+                           backbone=cfg.backbone, backbone_kwargs=cfg.backbone_kwargs, method=cfg.method,
+                           method_kwargs=cfg.method_kwargs, device=self.device,
+                           seed=int(agent_seq.generate_state(1)[0]))
+        self.replay = MultiTaskReplay(T, cfg.sac.buffer_size // T, self.suite.obs_dim, self.suite.act_dim,
+                                      seed=int(replay_seq.generate_state(1)[0]))
+        self.env_steps = 0
+        self.updates = 0
+        self.task_steps = np.zeros(T, dtype=np.int64)
+        self.episodes = 0
+        self.history: List[Dict[str, Any]] = []
+        self.next_eval = cfg.eval_every if cfg.eval_every > 0 else math.inf
+        self.next_ckpt = cfg.checkpoint_every if cfg.checkpoint_every > 0 else math.inf
+        if resume is not None:
+            self._restore(resume)
+        self.worker_seq = worker_seq
+        self.recent_ret: List[Deque[float]] = [deque(maxlen=10) for _ in range(T)]
+        self.recent_succ: List[Deque[float]] = [deque(maxlen=10) for _ in range(T)]
+        self.pool: Optional[WorkerPool] = None
+        self.logger: Optional[Logger] = None
+        self._started_ray = False
+
+    # --- set-up ---------------------------------------------------------------------------------------------
+    def _restore(self, payload: Dict[str, Any]) -> None:
+        self.agent.load_state_dict(payload["agent"])
+        c = payload["counters"]
+        self.env_steps, self.updates, self.episodes = int(c["env_steps"]), int(c["updates"]), int(c["episodes"])
+        self.task_steps = payload["task_steps"].numpy().astype(np.int64)
+        self.next_eval = float(c["next_eval"])
+        self.next_ckpt = float(c["next_ckpt"])
+        self.history = json.loads(payload["history"])
+        if "replay" in payload:
+            self.replay.load_state_dict(payload["replay"])
+        if "replay_rng" in payload:
+            self.replay.rng.bit_generator.state = json.loads(payload["replay_rng"])
+        torch.set_rng_state(payload["torch_rng"])
+
+    def _start_ray(self) -> None:
+        import ray
+
+        if ray.is_initialized():
+            return
+        os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+        if self.cfg.address:
+            ray.init(address=self.cfg.address, include_dashboard=False, log_to_driver=True)
+        else:
+            # Embedded local Ray sized to the machine; never fewer CPUs than the workers ask for, or the actors
+            # would wait forever for resources.
+            cpus = max(os.cpu_count() or 1, math.ceil(self.cfg.workers * self.cfg.worker_cpus))
+            # Workers import this project: point them at the checkout even when it is not pip-installed.
+            root = str(Path(__file__).resolve().parent.parent)
+            path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
+            ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=True,
+                     object_store_memory=256 * 1024 * 1024, runtime_env={"env_vars": {"PYTHONPATH": path}})
+        self._started_ray = True
+
+    def _make_pool(self) -> WorkerPool:
+        cfg, s = self.cfg, self.suite
+        slices = split_tasks(self.T, cfg.workers) if cfg.workers > 0 else [list(range(self.T))]
+        # Fresh streams per (run, resume count): a resumed run does not replay the first run's env randomness.
+        seqs = self.worker_seq.spawn(len(slices) + len(self.history) + int(self.env_steps > 0))[-len(slices):]
+        specs = []
+        for sl, seq in zip(slices, seqs):
+            env_seq, pol_seq = seq.spawn(2)
+            specs.append(WorkerSpec(
+                suite=s.name if s.name != "custom" else None, tasks=list(cfg.tasks), task_indices=sl,
+                goal_seed=cfg.seed, env_seeds=[int(x) for x in env_seq.generate_state(len(sl))],
+                policy_seed=int(pol_seq.generate_state(1)[0]), learning_starts=cfg.sac.learning_starts,
+                start_steps=[int(self.task_steps[t]) for t in sl], backbone=cfg.backbone,
+                backbone_kwargs=dict(cfg.backbone_kwargs), log_std_min=cfg.sac.log_std_min,
+                log_std_max=cfg.sac.log_std_max))
+        if cfg.workers > 0:
+            self._start_ray()
+        return WorkerPool(specs, use_ray=cfg.workers > 0, worker_cpus=cfg.worker_cpus)
+
+    def _write_run_files(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
+        meta = {"versions": versions(), "git_commit": git_commit(), "protocol": protocol(self.suite, self.cfg),
+                "device": str(self.device)}
+        _write_json(self.run_dir / "run_info.json", meta)
+        assert self.logger is not None
+        self.logger.text("config", "```\n" + yaml.safe_dump(to_dict(self.cfg), sort_keys=False) + "\n```")
+        self.logger.text("run_info", "```\n" + json.dumps(meta, indent=2) + "\n```")
+
+    # --- counters -------------------------------------------------------------------------------------------
+    @property
+    def warm_steps(self) -> int:
+        return self.T * self.cfg.sac.learning_starts
+
+    def target_updates(self) -> int:
+        return int(max(0, self.env_steps - self.warm_steps) * self.cfg.sac.updates_per_step / self.T)
+
+    def lag(self) -> float:
+        """Env steps collected beyond what the update-to-data ratio has consumed."""
+        consumed = self.warm_steps + self.updates * self.T / self.cfg.sac.updates_per_step
+        return self.env_steps - consumed
+
+    def max_lag(self) -> float:
+        if self.cfg.max_lag_steps > 0:
+            return self.cfg.max_lag_steps
+        return max(2 * self.cfg.chunk_steps * self.T, 2 * self.T / self.cfg.sac.updates_per_step)
+
+    # --- the loop -------------------------------------------------------------------------------------------
+    def train(self) -> Dict[str, Any]:
+        cfg = self.cfg
+        self.logger = Logger(self.run_dir, self.suite.task_names)
+        self._write_run_files()
+        prev_term = signal.signal(signal.SIGTERM, _raise_interrupt)
+        self.pool = self._make_pool()
+        self.pool.broadcast(self.agent.policy_state())
+        progress = Progress(cfg.total_steps, min(self.env_steps, cfg.total_steps), cfg.progress)
+        t0, steps0, updates0 = time.time(), self.env_steps, self.updates
+        self._t_log = (t0, self.env_steps, self.updates)
+        try:
+            self._loop(progress, t0, steps0, updates0)
+            self.pool.discard_pending()
+            final = self.evaluate(final=True)
+            self.save_checkpoint()
+        except KeyboardInterrupt:
+            # SIGINT/SIGTERM: keep everything done so far (`--resume RUN_DIR` continues from here).
+            self.pool.discard_pending()
+            self.save_checkpoint()
+            raise
+        finally:
+            progress.close()
+            signal.signal(signal.SIGTERM, prev_term)
+            self.pool.shutdown()
+            self.logger.close()
+            if self._started_ray:
+                import ray
+
+                ray.shutdown()
+        return final
+
+    def _may_submit(self) -> bool:
+        return self.env_steps < self.cfg.total_steps and (self.env_steps < self.warm_steps or
+                                                          self.lag() < self.max_lag())
+
+    def _loop(self, progress: Progress, t0: float, steps0: int, updates0: int) -> None:
+        cfg, pool = self.cfg, self.pool
+        assert pool is not None
+        B = cfg.sac.batch_size
+        while True:
+            for i in pool.idle():
+                if self._may_submit():
+                    pool.submit_collect(i, cfg.chunk_steps)
+            due = self.target_updates() > self.updates and self.replay.can_sample(B)
+            if not due and not pool.pending:
+                break  # nothing to learn, nothing to collect: the budget is spent
+            for _, result in pool.ready(block=not due):
+                n = self._ingest(result)
+                progress.update(n, updates=self.updates)
+            if due:
+                self._update()
+            if self.env_steps >= self.next_eval and self.env_steps < cfg.total_steps:
+                self.evaluate(final=False)
+                self.next_eval = (self.env_steps // cfg.eval_every + 1) * cfg.eval_every
+            if self.env_steps >= self.next_ckpt and self.env_steps < cfg.total_steps:
+                self.save_checkpoint()
+                self.next_ckpt = (self.env_steps // cfg.checkpoint_every + 1) * cfg.checkpoint_every
+
+    def _ingest(self, result: Dict[str, Any]) -> int:
+        for k, t in enumerate(result["task_indices"]):
+            self.replay.add(t, result["obs"][k], result["action"][k], result["reward"][k], result["next_obs"][k],
+                            result["terminated"][k])
+            self.task_steps[t] += len(result["reward"][k])
+        for t, ret, succ, _length in result["episodes"]:
+            self.recent_ret[t].append(ret)
+            self.recent_succ[t].append(succ)
+            self.episodes += 1
+        n = int(result["steps"])
+        self.env_steps += n
+        return n
+
+    def _update(self) -> None:
+        cfg = self.cfg
+        batch = self.replay.sample(cfg.sac.batch_size, self.device)
+        info = self.agent.update(batch)
+        self.updates += 1
+        self._check_finite(info)
+        if self.updates % cfg.weight_sync_every == 0:
+            assert self.pool is not None
+            self.pool.broadcast(self.agent.policy_state())
+        if self.updates % cfg.log_every == 0:
+            self._log_train(info)
+        if self.updates % cfg.log_grad_every == 0:
+            self._log_grad(info)
+
+    def _check_finite(self, info: Dict[str, Any]) -> None:
+        for key in ("critic_losses", "actor_losses", "alpha_losses"):
+            v = info.get(key)
+            if v is not None and not bool(torch.isfinite(v).all()):
+                bad = int((~torch.isfinite(v)).nonzero()[0, 0])
+                raise NonFiniteError(f"non-finite {key[:-7]} loss for task {self.suite.task_names[bad]!r} at "
+                                     f"update {self.updates} (env step {self.env_steps})")
+
+    # --- logging --------------------------------------------------------------------------------------------
+    def _log_train(self, info: Dict[str, Any]) -> None:
+        lg, step = self.logger, self.env_steps
+        assert lg is not None
+        crit = info["critic_losses"].cpu().numpy()
+        lg.scalar("train/critic_loss", crit.mean(), step)
+        lg.per_task("train", "critic_loss", crit, step)
+        if "actor_losses" in info:
+            act = info["actor_losses"].cpu().numpy()
+            lg.scalar("train/actor_loss", act.mean(), step)
+            lg.per_task("train", "actor_loss", act, step)
+            lg.scalar("train/alpha_loss", info["alpha_losses"].mean().item(), step)
+            lg.scalar("train/entropy", info["entropy"].mean().item(), step)
+        alpha = info["alpha"].cpu().numpy()
+        lg.scalar("train/alpha", alpha.mean(), step)
+        lg.per_task("train", "alpha", alpha, step)
+        lg.scalar("train/n_updates", self.updates, step)
+        rets = [r for d in self.recent_ret for r in d]
+        if rets:
+            lg.scalar("rollout/ep_rew_mean", float(np.mean(rets)), step)
+            lg.per_task("rollout", "ep_return",
+                        [np.mean(d) if d else math.nan for d in self.recent_ret], step)
+            if self.suite.kind != "dmc":
+                lg.scalar("rollout/success_rate", float(np.mean([s for d in self.recent_succ for s in d])), step)
+        now = time.time()
+        t_prev, s_prev, u_prev = self._t_log
+        dt = max(now - t_prev, 1e-9)
+        lg.scalar("time/fps", (self.env_steps - s_prev) / dt, step)
+        lg.scalar("time/updates_per_s", (self.updates - u_prev) / dt, step)
+        lg.scalar("time/replay_size", len(self.replay), step)
+        self._t_log = (now, self.env_steps, self.updates)
+
+    def _log_grad(self, info: Dict[str, Any]) -> None:
+        """Gradient-conflict diagnostics, when the method formed a Gramian (Jacobian methods)."""
+        lg, step = self.logger, self.env_steps
+        assert lg is not None
+        for name in ("critic", "actor"):
+            diag = info.get(f"{name}_diag") or {}
+            gram = diag.get("gramian")
+            if gram is None:
+                continue
+            g = gram.detach().double().cpu()
+            norms = g.diagonal().clamp_min(0).sqrt()
+            cos = (g / (norms[:, None] * norms[None, :]).clamp_min(1e-30)).numpy()
+            iu = np.triu_indices(self.T, 1)
+            if len(iu[0]):
+                lg.scalar(f"grad/{name}/conflict_fraction", float((cos[iu] < 0).mean()), step)
+            lg.per_task("grad", f"{name}_norm", norms.numpy(), step)
+            lg.image(f"grad/{name}/cosine", cosine_image(cos), step)
+            if diag.get("weights") is not None:
+                lg.per_task("grad", f"{name}_weight", diag["weights"].detach().cpu().numpy(), step)
+
+    # --- evaluation and checkpoints -------------------------------------------------------------------------
+    def evaluate(self, final: bool) -> Dict[str, Any]:
+        assert self.pool is not None and self.logger is not None
+        self.pool.broadcast(self.agent.policy_state())
+        t0 = time.time()
+        per_task = self.pool.evaluate(self.cfg.eval_episodes, eval_seed=self.cfg.seed + 10_000)
+        res = summarize(self.suite, per_task)
+        res.update({"env_steps": self.env_steps, "updates": self.updates, "eval_seconds": time.time() - t0})
+        lg, step = self.logger, self.env_steps
+        lg.scalar("eval/success_rate", res["success_rate"], step)
+        lg.scalar("eval/return", res["return"], step)
+        for task, v in res["per_task"].items():
+            lg.scalar(f"eval/{task}/success_rate", v["success_rate"], step)
+            lg.scalar(f"eval/{task}/return", v["return"], step)
+        lg.flush()
+        self.history.append(res)
+        _write_json(self.run_dir / "results.json", {
+            "final": res if final else None, "history": self.history, "protocol": protocol(self.suite, self.cfg),
+            "config": to_dict(self.cfg)})
+        return res
+
+    def save_checkpoint(self) -> None:
+        payload: Dict[str, Any] = {
+            "agent": self.agent.state_dict(),
+            "counters": {"env_steps": self.env_steps, "updates": self.updates, "episodes": self.episodes,
+                         "next_eval": float(self.next_eval), "next_ckpt": float(self.next_ckpt)},
+            "task_steps": torch.from_numpy(self.task_steps.copy()),
+            "history": json.dumps(self.history, default=float),
+            "config": yaml.safe_dump(to_dict(self.cfg), sort_keys=False),
+            "torch_rng": torch.get_rng_state(),
+            "replay_rng": json.dumps(self.replay.rng.bit_generator.state),
+        }
+        if self.cfg.save_replay:
+            payload["replay"] = self.replay.state_dict()
+        checkpoint.save(self.run_dir / checkpoint.CKPT_NAME, payload)
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")

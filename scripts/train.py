@@ -1,0 +1,182 @@
+#!/usr/bin/env python
+"""Train one multi-task agent: ``python scripts/train.py --suite mt10 --method mtsac``.
+
+Bad input (unknown flag, suite, task, method, backbone, config key, bad value, missing resume dir) prints ONE line
+naming the value and the valid choices and exits with code 2, before any run directory is created.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # runnable from a checkout even before `pip install -e .`
+    sys.path.insert(0, str(ROOT))
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse's default prints the whole usage block
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def bad(message: str) -> None:
+    sys.stderr.write(f"train.py: error: {message}\n")
+    raise SystemExit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from envs import DMC_SUITES
+    from mtrl.gradients import available_methods
+    from mtrl.nets import available_backbones
+
+    suites = "mt10, mt25, mt50, mt1-<task> (e.g. mt1-reach-v3), " + ", ".join(DMC_SUITES)
+    p = OneLineParser(
+        prog="train.py",
+        description="Multi-task RL training (MT-SAC learner fed by Ray rollout workers).",
+        epilog=f"suites: {suites}; or --tasks a,b,c for a custom Meta-World list.  "
+               f"methods: {', '.join(available_methods())}.  backbones: {', '.join(available_backbones())}.  "
+               "Settings not exposed as flags: --set key=value (e.g. --set sac.batch_size=64); "
+               "see configs/default.yaml for every key.",
+    )
+    a = p.add_argument
+    a("--suite", help=f"task suite: {suites}")
+    a("--tasks", help="comma-separated Meta-World v3 tasks for a custom suite, e.g. reach-v3,push-v3")
+    a("--method", help=f"how task losses combine (default mtsac): {', '.join(available_methods())}")
+    a("--algo", help="learning algorithm: sac")
+    a("--backbone", help=f"network: {', '.join(available_backbones())}")
+    a("--seed", type=int)
+    a("--total-steps", type=int, help="env steps summed over all tasks (MT10 at 2M/task: 20000000)")
+    a("--workers", type=int, help="Ray rollout actors; 0 = one in-process worker (default 2)")
+    a("--worker-cpus", type=float, help="CPUs reserved per Ray worker (default 1)")
+    a("--device", help="learner device: auto, cpu, cuda (default auto)")
+    a("--run-dir", help="run directory (default runs/<suite>_<method>_<backbone>_s<seed>_<time>)")
+    a("--eval-every", type=int, help="env steps between evaluations; 0 = only at the end")
+    a("--eval-episodes", type=int, help="evaluation episodes per task (default 50 = one per Meta-World goal)")
+    a("--checkpoint-every", type=int, help="env steps between checkpoints; 0 = only at the end")
+    a("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its checkpoint")
+    a("--address", help="join an existing Ray cluster (auto or ray://host:port) instead of a local one")
+    a("--config", metavar="FILE.yaml", help="YAML file of settings (applied after the method preset)")
+    a("--set", action="append", default=[], metavar="KEY=VALUE", help="override any setting; repeatable")
+    a("--no-progress", action="store_true", help="no console progress bar")
+    return p
+
+
+FLAG_KEYS = ["suite", "method", "algo", "backbone", "seed", "total_steps", "workers", "worker_cpus", "device",
+             "run_dir", "eval_every", "eval_episodes", "checkpoint_every", "address"]
+# What may change when resuming: budgets and placement, not what is being trained.
+RESUME_MUTABLE = {"total_steps", "workers", "worker_cpus", "device", "eval_every", "eval_episodes",
+                  "checkpoint_every", "address", "progress"}
+
+
+def make_config(args: argparse.Namespace):
+    from mtrl.config import CONFIG_DIR, Config, ConfigError, apply_mapping, load_yaml, method_preset, set_key
+
+    cfg = Config()
+    apply_mapping(cfg, load_yaml(CONFIG_DIR / "default.yaml"), "configs/default.yaml")
+    file_data = load_yaml(args.config) if args.config else {}
+    if not isinstance(file_data, dict):
+        raise ConfigError(f"--config {args.config!r}: expected a mapping of settings")
+    method = args.method or file_data.get("method") or cfg.method
+    preset = method_preset(str(method))
+    if preset is not None:
+        apply_mapping(cfg, load_yaml(preset), f"configs/methods/{preset.name}")
+    if file_data:
+        apply_mapping(cfg, file_data, f"--config {args.config}")
+    for key in FLAG_KEYS:
+        v = getattr(args, key)
+        if v is not None:
+            setattr(cfg, key, v)
+    if args.tasks is not None:
+        cfg.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+        if not cfg.tasks:
+            raise ConfigError("--tasks is empty; give comma-separated Meta-World task names")
+    if args.no_progress:
+        cfg.progress = False
+    for s in args.set:
+        set_key(cfg, s)
+    return cfg
+
+
+def resume_config(args: argparse.Namespace):
+    from mtrl.config import ConfigError, from_dict, load_yaml, set_key
+
+    run_dir = Path(args.resume)
+    if not run_dir.is_dir():
+        raise ConfigError(f"--resume {args.resume!r}: no such run directory")
+    if not (run_dir / "checkpoint.pt").is_file() or not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"--resume {args.resume!r}: no checkpoint.pt and config.yaml in it")
+    cfg = from_dict(load_yaml(run_dir / "config.yaml"))
+    for key in FLAG_KEYS:
+        v = getattr(args, key)
+        if v is None or v == getattr(cfg, key):
+            continue
+        if key not in RESUME_MUTABLE:
+            raise ConfigError(f"--{key.replace('_', '-')} cannot change on --resume (the run has "
+                              f"{key}={getattr(cfg, key)!r}); changeable: {', '.join(sorted(RESUME_MUTABLE))}")
+        setattr(cfg, key, v)
+    if args.no_progress:
+        cfg.progress = False
+    for s in args.set:
+        key = s.split("=", 1)[0].strip()
+        if key not in RESUME_MUTABLE:
+            raise ConfigError(f"--set {key} cannot change on --resume; changeable: {', '.join(sorted(RESUME_MUTABLE))}")
+        set_key(cfg, s)
+    cfg.run_dir, cfg.resume = str(run_dir), str(run_dir)
+    return cfg, run_dir
+
+
+def main(argv=None) -> int:
+    from mtrl.config import ConfigError, validate
+
+    args = build_parser().parse_args(argv)
+    try:
+        if args.resume:
+            cfg, run_dir = resume_config(args)
+        else:
+            cfg = make_config(args)
+            run_dir = None
+        validate(cfg)
+        from mtrl.runner import default_run_dir, resolve_device
+
+        resolve_device(cfg.device)
+        if run_dir is None:
+            run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg)
+            if run_dir.exists() and any(run_dir.iterdir()):
+                raise ConfigError(f"--run-dir {str(run_dir)!r} already holds a run; use --resume {run_dir} or "
+                                  "another directory")
+            cfg.run_dir = str(run_dir)
+        payload = None
+        if args.resume:
+            from mtrl.checkpoint import CheckpointError, load
+
+            try:
+                payload = load(run_dir / "checkpoint.pt")
+            except CheckpointError as e:
+                raise ConfigError(str(e)) from None
+    except (ConfigError, ValueError) as e:
+        bad(str(e))
+        return 2
+
+    from mtrl.runner import NonFiniteError, Trainer
+
+    trainer = Trainer(cfg, run_dir, resume=payload)
+    print(f"run directory: {run_dir}", flush=True)
+    try:
+        final = trainer.train()
+    except NonFiniteError as e:
+        sys.stderr.write(f"train.py: stopped: {e}; the last good checkpoint in {run_dir} is kept\n")
+        return 1
+    except KeyboardInterrupt:
+        sys.stderr.write(f"train.py: interrupted; checkpoint saved in {run_dir} (continue with --resume {run_dir})\n")
+        return 130
+    sr = final["success_rate"]
+    print(f"final: success_rate={sr:.3f} return={final['return']:.1f} ({run_dir}/results.json)")
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
+    sys.exit(main())
