@@ -187,63 +187,75 @@ class Trainer:
         return max(2 * self.cfg.chunk_steps * self.T, 2 * self.T / self.cfg.sac.updates_per_step)
 
     # --- the loop -------------------------------------------------------------------------------------------
-    def train(self) -> Dict[str, Any]:
-        cfg = self.cfg
+    def start(self) -> None:
+        """Run directory files, TensorBoard writer, workers (and Ray), first weight broadcast."""
         self.logger = Logger(self.run_dir, self.suite.task_names)
         self._write_run_files()
-        prev_term = signal.signal(signal.SIGTERM, _raise_interrupt)
         self.pool = self._make_pool()
         self.pool.broadcast(self.agent.policy_state())
+        self._t_log = (time.time(), self.env_steps, self.updates)
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
+        if self.logger is not None:
+            self.logger.close()
+        if self._started_ray:
+            import ray
+
+            ray.shutdown()
+            self._started_ray = False
+
+    def train(self) -> Dict[str, Any]:
+        """The whole run: collect and learn to ``total_steps``, final evaluation and checkpoint."""
+        cfg = self.cfg
+        prev_term = signal.signal(signal.SIGTERM, _raise_interrupt)
         progress = Progress(cfg.total_steps, min(self.env_steps, cfg.total_steps), cfg.progress)
-        t0, steps0, updates0 = time.time(), self.env_steps, self.updates
-        self._t_log = (t0, self.env_steps, self.updates)
         try:
-            self._loop(progress, t0, steps0, updates0)
-            self.pool.discard_pending()
+            self.start()
+            self.run_until(cfg.total_steps, progress)
             final = self.evaluate(final=True)
             self.save_checkpoint()
         except KeyboardInterrupt:
             # SIGINT/SIGTERM: keep everything done so far (`--resume RUN_DIR` continues from here).
-            self.pool.discard_pending()
-            self.save_checkpoint()
+            if self.pool is not None:
+                self.pool.discard_pending()
+                self.save_checkpoint()
             raise
         finally:
             progress.close()
             signal.signal(signal.SIGTERM, prev_term)
-            self.pool.shutdown()
-            self.logger.close()
-            if self._started_ray:
-                import ray
-
-                ray.shutdown()
+            self.close()
         return final
 
-    def _may_submit(self) -> bool:
-        return self.env_steps < self.cfg.total_steps and (self.env_steps < self.warm_steps or
-                                                          self.lag() < self.max_lag())
+    def _may_submit(self, total_steps: int) -> bool:
+        return self.env_steps < total_steps and (self.env_steps < self.warm_steps or self.lag() < self.max_lag())
 
-    def _loop(self, progress: Progress, t0: float, steps0: int, updates0: int) -> None:
+    def run_until(self, total_steps: int, progress: Optional[Progress] = None) -> None:
+        """Collect and learn until ``total_steps`` env steps; periodic evaluation and checkpoints on the way."""
         cfg, pool = self.cfg, self.pool
-        assert pool is not None
+        assert pool is not None, "call start() first"
         B = cfg.sac.batch_size
         while True:
             for i in pool.idle():
-                if self._may_submit():
+                if self._may_submit(total_steps):
                     pool.submit_collect(i, cfg.chunk_steps)
             due = self.target_updates() > self.updates and self.replay.can_sample(B)
             if not due and not pool.pending:
                 break  # nothing to learn, nothing to collect: the budget is spent
             for _, result in pool.ready(block=not due):
                 n = self._ingest(result)
-                progress.update(n, updates=self.updates)
+                if progress is not None:
+                    progress.update(n, updates=self.updates)
             if due:
                 self._update()
-            if self.env_steps >= self.next_eval and self.env_steps < cfg.total_steps:
+            if self.env_steps >= self.next_eval and self.env_steps < total_steps:
                 self.evaluate(final=False)
                 self.next_eval = (self.env_steps // cfg.eval_every + 1) * cfg.eval_every
-            if self.env_steps >= self.next_ckpt and self.env_steps < cfg.total_steps:
+            if self.env_steps >= self.next_ckpt and self.env_steps < total_steps:
                 self.save_checkpoint()
                 self.next_ckpt = (self.env_steps // cfg.checkpoint_every + 1) * cfg.checkpoint_every
+        pool.discard_pending()
 
     def _ingest(self, result: Dict[str, Any]) -> int:
         for k, t in enumerate(result["task_indices"]):

@@ -1,0 +1,27 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("MUJOCO_GL", "disable")
+
+# Tiny but real budgets: real Meta-World/DMC envs, small networks, few updates.
+TINY = ["--set", "sac.learning_starts=20", "--set", "sac.batch_size=16", "--set", "backbone_kwargs.width=32",
+        "--set", "backbone_kwargs.depth=2", "--set", "chunk_steps=20", "--eval-episodes", "1", "--no-progress"]
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One real local Ray for the whole session (starting one costs 5-10 s)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=200 * 1024 * 1024,
+                 runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,83 @@
+"""Every bad-input path of scripts/train.py: one line naming the value and the valid choices, exit 2, no run dir."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+import train  # noqa: E402
+
+
+CASES = [
+    (["--suite", "mt11"], "unknown suite 'mt11'; valid: mt10"),
+    (["--tasks", "reach-v3,nope-v3"], "unknown Meta-World task 'nope-v3'"),
+    (["--suite", "mt1-reach-v2"], "unknown Meta-World task 'reach-v2'"),
+    (["--suite", "mt10", "--method", "pcgradd"], "unknown method 'pcgradd'; valid:"),
+    (["--suite", "mt10", "--backbone", "transformer"], "unknown backbone 'transformer'; valid: "),
+    (["--suite", "mt10", "--algo", "dqn"], "unknown algo 'dqn'; valid: sac"),
+    (["--suite", "mt10", "--device", "tpu"], "unknown device 'tpu'; valid: auto, cpu, cuda"),
+    (["--suite", "mt10", "--total-steps", "-5"], "total-steps=-5 must be > 0"),
+    (["--suite", "mt10", "--workers", "-1"], "workers=-1 must be >= 0"),
+    (["--suite", "mt10", "--eval-episodes", "0"], "eval-episodes=0 must be > 0"),
+    (["--suite", "mt10", "--set", "sac.batchsize=3"], "unknown config key 'sac.batchsize'"),
+    (["--suite", "mt10", "--set", "learning_rate=3"], "unknown config key 'learning_rate'"),
+    (["--suite", "mt10", "--set", "sac.tau=fast"], "sac.tau='fast' is not a number"),
+    (["--suite", "mt10", "--set", "sac.tau=2"], "sac.tau=2.0 must be in (0, 1]"),
+    (["--suite", "mt10", "--set", "noequals"], "is not key=value"),
+    (["--suite", "mt10", "--set", "backbone_kwargs.widht=3"], "backbone 'mlp':"),
+    (["--suite", "mt10", "--set", "method_kwargs.c=3"], "method 'mtsac':"),
+    (["--suite", "mt10", "--config", "/nonexistent.yaml"], "config file '/nonexistent.yaml' does not exist"),
+    (["--resume", "/nonexistent_run"], "--resume '/nonexistent_run': no such run directory"),
+    ([], "give --suite"),
+]
+
+
+@pytest.mark.parametrize("argv,expected", CASES, ids=[" ".join(c[0]) or "no-args" for c in CASES])
+def test_bad_input_one_line_exit_2_nothing_written(argv, expected, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run_dir = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        train.main(argv + ["--run-dir", str(run_dir)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert expected in err
+    assert not run_dir.exists() and not (tmp_path / "runs").exists()
+
+
+def test_bad_config_file_key_and_existing_run_dir(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("suite: mt10\nsac:\n  gamma_typo: 0.9\n")
+    with pytest.raises(SystemExit) as e:
+        train.main(["--config", str(cfg), "--run-dir", str(tmp_path / "r")])
+    assert e.value.code == 2 and "unknown config key 'sac.gamma_typo'" in capsys.readouterr().err
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "x").write_text("")
+    with pytest.raises(SystemExit) as e:
+        train.main(["--suite", "mt10", "--run-dir", str(used)])
+    assert e.value.code == 2 and "already holds a run" in capsys.readouterr().err
+
+
+def test_resume_dir_without_checkpoint(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        train.main(["--resume", str(tmp_path)])
+    assert e.value.code == 2 and "no checkpoint.pt" in capsys.readouterr().err
+
+
+def test_real_process_unknown_flag_and_help(tmp_path):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    p = subprocess.run([sys.executable, str(ROOT / "scripts/train.py"), "--suite", "mt10", "--bogus-flag", "1"],
+                       capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert p.returncode == 2
+    assert p.stderr.strip().splitlines() == ["train.py: error: unrecognized arguments: --bogus-flag 1"]
+    assert not (tmp_path / "runs").exists()
+    h = subprocess.run([sys.executable, str(ROOT / "scripts/train.py"), "--help"], capture_output=True, text=True,
+                       cwd=tmp_path, env=env)
+    assert h.returncode == 0
+    for word in ("mt10", "dmc-mixed", "mt1-<task>", "mtsac", "--total-steps", "--resume", "--set"):
+        assert word in h.stdout
