@@ -93,6 +93,20 @@ class TwinQ(nn.Module):
         return self.q1(x, task).squeeze(-1), self.q2(x, task).squeeze(-1)
 
 
+class NonFiniteLoss(RuntimeError):
+    """A per-task loss is NaN/inf; raised before the optimizer step, so the parameters stay finite."""
+
+    def __init__(self, loss: str, task: int) -> None:
+        super().__init__(f"non-finite {loss} loss for task index {task}")
+        self.loss, self.task = loss, task
+
+
+def _check_finite(name: str, losses: Tensor) -> None:
+    ok = torch.isfinite(losses)
+    if not bool(ok.all()):
+        raise NonFiniteLoss(name, int((~ok).nonzero()[0, 0]))
+
+
 class MTSAC:
     """The learner-side agent. ``update(batch)`` does one gradient step on critic, actor and temperatures."""
 
@@ -164,6 +178,7 @@ class MTSAC:
         cparams = dict(self.critic.named_parameters())
         self.critic_opt.zero_grad(set_to_none=True)
         cinfo = self._backward(self.critic_method, self.critic_loss_one, cparams, cb, self.critic_task_specific)
+        _check_finite("critic", cinfo["losses"])
         if cfg.max_grad_norm > 0:
             nn.utils.clip_grad_norm_(self.critic.parameters(), cfg.max_grad_norm)
         self.critic_opt.step()
@@ -179,6 +194,7 @@ class MTSAC:
                                             self._flat(eps), self._flat(mask))
                 logp = logp.view(T, B)
             alpha_losses = -(self.log_alpha[:, None] * (logp + self.target_entropy[:, None])).mean(1)
+            _check_finite("alpha", alpha_losses)
             self.alpha_opt.zero_grad(set_to_none=True)
             alpha_losses.sum().backward()  # each α_t only sees its own task's loss: sum, not mean
             self.alpha_opt.step()
@@ -191,6 +207,7 @@ class MTSAC:
             aparams = dict(self.actor.named_parameters())
             self.actor_opt.zero_grad(set_to_none=True)
             ainfo = self._backward(self.actor_method, self.actor_loss_one, aparams, ab, self.actor_task_specific)
+            _check_finite("actor", ainfo["losses"])
             if cfg.max_grad_norm > 0:
                 nn.utils.clip_grad_norm_(self.actor.parameters(), cfg.max_grad_norm)
             self.actor_opt.step()

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import yaml
 
-from agents.sac import MTSAC
+from agents.sac import MTSAC, NonFiniteLoss
 from envs import Suite, get_suite
 
 from . import checkpoint
@@ -273,9 +273,12 @@ class Trainer:
     def _update(self) -> None:
         cfg = self.cfg
         batch = self.replay.sample(cfg.sac.batch_size, self.device)
-        info = self.agent.update(batch)
+        try:
+            info = self.agent.update(batch)
+        except NonFiniteLoss as e:
+            raise NonFiniteError(f"non-finite {e.loss} loss for task {self.suite.task_names[e.task]!r} at update "
+                                 f"{self.updates} (env step {self.env_steps})") from None
         self.updates += 1
-        self._check_finite(info)
         if self.updates % cfg.weight_sync_every == 0:
             assert self.pool is not None
             self.pool.broadcast(self.agent.policy_state())
@@ -283,14 +286,6 @@ class Trainer:
             self._log_train(info)
         if self.updates % cfg.log_grad_every == 0:
             self._log_grad(info)
-
-    def _check_finite(self, info: Dict[str, Any]) -> None:
-        for key in ("critic_losses", "actor_losses", "alpha_losses"):
-            v = info.get(key)
-            if v is not None and not bool(torch.isfinite(v).all()):
-                bad = int((~torch.isfinite(v)).nonzero()[0, 0])
-                raise NonFiniteError(f"non-finite {key[:-7]} loss for task {self.suite.task_names[bad]!r} at "
-                                     f"update {self.updates} (env step {self.env_steps})")
 
     # --- logging --------------------------------------------------------------------------------------------
     def _log_train(self, info: Dict[str, Any]) -> None:

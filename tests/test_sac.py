@@ -135,3 +135,16 @@ def test_update_moves_networks_alpha_and_targets():
     assert any(not torch.equal(tgt_before[k], v) for k, v in ag.critic_target.state_dict().items())
     assert (ag.log_alpha.detach() != alpha_before).all()  # each task's temperature moved
     assert ag.num_updates == 1
+
+
+def test_nan_reward_stops_before_the_step_and_names_the_task():
+    from agents.sac import NonFiniteLoss
+
+    ag = _agent(T=3)
+    b = _batch(3, 4)
+    b["reward"][1, 2] = float("nan")
+    before = {k: v.clone() for k, v in ag.critic.state_dict().items()}
+    with pytest.raises(NonFiniteLoss, match="non-finite critic loss for task index 1"):
+        ag.update(b)
+    for k, v in ag.critic.state_dict().items():  # the optimizer never stepped
+        assert torch.equal(before[k], v)
