@@ -18,6 +18,7 @@ has its own entropy target. Time-limit truncation bootstraps (the replay stores 
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from typing import Any, Dict, Optional, Set
 
@@ -144,9 +145,11 @@ class MTSAC:
         y = b["target"]
         return 0.5 * ((q1 - y).pow(2).mean() + (q2 - y).pow(2).mean())
 
-    def actor_loss_one(self, params: Dict[str, Tensor], b: Dict[str, Tensor], task: Tensor) -> Tensor:
+    def actor_loss_one(self, params: Dict[str, Tensor], b: Dict[str, Tensor], task: Tensor, *,
+                       critic_params: Dict[str, Tensor]) -> Tensor:
+        """``critic_params`` (detached, shared by every task) is bound with functools.partial: not vmapped."""
         a, logp = squash(*functional_call(self.actor, params, (b["obs"], task)), b["eps"], b["mask"])
-        q1, q2 = functional_call(self.critic, b["critic_params"], (b["obs"], a, task))
+        q1, q2 = functional_call(self.critic, critic_params, (b["obs"], a, task))
         return (b["alpha"] * logp - torch.min(q1, q2)).mean()
 
     # --- the update -----------------------------------------------------------------------------------------
@@ -172,16 +175,10 @@ class MTSAC:
         alpha = self.log_alpha.detach().exp()
         info: Dict[str, Tensor] = {}
 
-        # Critic.
         target = self.compute_targets(batch, alpha)
         cb = {"obs": batch["obs"], "action": batch["action"], "target": target}
-        cparams = dict(self.critic.named_parameters())
-        self.critic_opt.zero_grad(set_to_none=True)
-        cinfo = self._backward(self.critic_method, self.critic_loss_one, cparams, cb, self.critic_task_specific)
-        _check_finite("critic", cinfo["losses"])
-        if cfg.max_grad_norm > 0:
-            nn.utils.clip_grad_norm_(self.critic.parameters(), cfg.max_grad_norm)
-        self.critic_opt.step()
+        cinfo = self._step("critic", self.critic, self.critic_opt, self.critic_method, self.critic_loss_one, cb,
+                           self.critic_task_specific)
         info["critic_losses"] = cinfo["losses"]
         info["critic_diag"] = cinfo  # type: ignore[assignment]
 
@@ -201,16 +198,10 @@ class MTSAC:
             info["alpha_losses"] = alpha_losses.detach()
             info["entropy"] = -logp.mean(1)
 
-            critic_params = {k: v.detach() for k, v in self.critic.named_parameters()}
-            ab = {"obs": batch["obs"], "eps": eps, "mask": self.action_mask, "alpha": alpha,
-                  "critic_params": critic_params}
-            aparams = dict(self.actor.named_parameters())
-            self.actor_opt.zero_grad(set_to_none=True)
-            ainfo = self._backward(self.actor_method, self.actor_loss_one, aparams, ab, self.actor_task_specific)
-            _check_finite("actor", ainfo["losses"])
-            if cfg.max_grad_norm > 0:
-                nn.utils.clip_grad_norm_(self.actor.parameters(), cfg.max_grad_norm)
-            self.actor_opt.step()
+            actor_loss = functools.partial(self.actor_loss_one, critic_params=self._frozen_critic())
+            ab = {"obs": batch["obs"], "eps": eps, "mask": self.action_mask, "alpha": alpha}
+            ainfo = self._step("actor", self.actor, self.actor_opt, self.actor_method, actor_loss, ab,
+                               self.actor_task_specific)
             info["actor_losses"] = ainfo["losses"]
             info["actor_diag"] = ainfo  # type: ignore[assignment]
 
@@ -223,33 +214,36 @@ class MTSAC:
         self.num_updates += 1
         return info
 
-    def _backward(self, method, loss_fn, params, batch, task_specific):
-        # The critic parameters in the actor batch are shared by all tasks: not vmapped (in_dims None) -- so keep
-        # them out of the vmapped pytree and close over them instead.
-        if "critic_params" in batch:
-            cp = batch["critic_params"]
-            vb = {k: v for k, v in batch.items() if k != "critic_params"}
-            fn = lambda p, b, t: loss_fn(p, {**b, "critic_params": cp}, t)  # noqa: E731
-        else:
-            vb, fn = batch, loss_fn
+    def _frozen_critic(self) -> Dict[str, Tensor]:
+        return {k: v.detach() for k, v in self.critic.named_parameters()}
+
+    def _step(self, name: str, module: nn.Module, opt: torch.optim.Optimizer, method, loss_fn, batch,
+              task_specific: Set[str]) -> Dict[str, Any]:
+        """The method writes the combined gradient into ``.grad``; a non-finite loss stops before the step."""
+        opt.zero_grad(set_to_none=True)
         kwargs = {"task_specific": task_specific} if task_specific and getattr(method, "accepts_task_specific",
                                                                                False) else {}
-        return method.backward(fn, params, vb, self.task_ids, **kwargs)
+        info = method.backward(loss_fn, dict(module.named_parameters()), batch, self.task_ids, **kwargs)
+        _check_finite(name, info["losses"])
+        if self.cfg.max_grad_norm > 0:
+            nn.utils.clip_grad_norm_(module.parameters(), self.cfg.max_grad_norm)
+        opt.step()
+        return info
 
     def losses(self, batch: Dict[str, Tensor]) -> Dict[str, Tensor]:
         """Per-task losses (T,) for critic, actor and α on a batch, without updating anything."""
         T, B = batch["reward"].shape
         alpha = self.log_alpha.detach().exp()
         target = self.compute_targets(batch, alpha)
-        cparams = {k: v.detach() for k, v in self.critic.named_parameters()}
+        cparams = self._frozen_critic()
         aparams = {k: v.detach() for k, v in self.actor.named_parameters()}
         eps = torch.randn((T, B, self.act_dim), generator=self.generator, device=self.device)
         with torch.no_grad():
             critic = task_losses(self.critic_loss_one, cparams,
                                  {"obs": batch["obs"], "action": batch["action"], "target": target}, self.task_ids)
             ab = {"obs": batch["obs"], "eps": eps, "mask": self.action_mask, "alpha": alpha}
-            actor = task_losses(lambda p, b, t: self.actor_loss_one(p, {**b, "critic_params": cparams}, t),
-                                aparams, ab, self.task_ids)
+            actor = task_losses(functools.partial(self.actor_loss_one, critic_params=cparams), aparams, ab,
+                                self.task_ids)
             mask = self.action_mask[:, None, :].expand(T, B, self.act_dim)
             _, logp = self.actor.sample(self._flat(batch["obs"]), self.task_ids.repeat_interleave(B),
                                         self._flat(eps), self._flat(mask))

@@ -93,6 +93,7 @@ class Trainer:
         self.updates = 0
         self.task_steps = np.zeros(T, dtype=np.int64)
         self.episodes = 0
+        self.resumes = 0  # how many times this run was resumed: picks fresh worker RNG streams each time
         self.history: List[Dict[str, Any]] = []
         self.next_eval = cfg.eval_every if cfg.eval_every > 0 else math.inf
         self.next_ckpt = cfg.checkpoint_every if cfg.checkpoint_every > 0 else math.inf
@@ -110,6 +111,7 @@ class Trainer:
         self.agent.load_state_dict(payload["agent"])
         c = payload["counters"]
         self.env_steps, self.updates, self.episodes = int(c["env_steps"]), int(c["updates"]), int(c["episodes"])
+        self.resumes = int(c["resumes"]) + 1
         self.task_steps = payload["task_steps"].numpy().astype(np.int64)
         self.next_eval = float(c["next_eval"])
         self.next_ckpt = float(c["next_ckpt"])
@@ -135,6 +137,9 @@ class Trainer:
             # Workers import this project: point them at the checkout even when it is not pip-installed.
             root = str(Path(__file__).resolve().parent.parent)
             path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
+            # Ray starts workers at niceness 15; on one machine the learner then starves its own data source
+            # whenever anything else is busy. Rollout workers are the learner's supply, not background work.
+            os.environ.setdefault("RAY_worker_niceness", "0")
             ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=True,
                      object_store_memory=256 * 1024 * 1024, runtime_env={"env_vars": {"PYTHONPATH": path}})
         self._started_ray = True
@@ -142,8 +147,8 @@ class Trainer:
     def _make_pool(self) -> WorkerPool:
         cfg, s = self.cfg, self.suite
         slices = split_tasks(self.T, cfg.workers) if cfg.workers > 0 else [list(range(self.T))]
-        # Fresh streams per (run, resume count): a resumed run does not replay the first run's env randomness.
-        seqs = self.worker_seq.spawn(len(slices) + len(self.history) + int(self.env_steps > 0))[-len(slices):]
+        # Fresh streams per resume: a resumed run does not replay the first run's env randomness.
+        seqs = self.worker_seq.spawn(self.resumes + 1)[self.resumes].spawn(len(slices))
         specs = []
         for sl, seq in zip(slices, seqs):
             env_seq, pol_seq = seq.spawn(2)
@@ -191,6 +196,10 @@ class Trainer:
         """Run directory files, TensorBoard writer, workers (and Ray), first weight broadcast."""
         self.logger = Logger(self.run_dir, self.suite.task_names)
         self._write_run_files()
+        if self.device.type == "cpu" and self.cfg.workers > 0 and not self.cfg.address:
+            # The local workers each hold `worker_cpus` cores; the CPU learner takes what is left (at least one).
+            busy = math.ceil(self.cfg.workers * self.cfg.worker_cpus)
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) - busy))
         self.pool = self._make_pool()
         self.pool.broadcast(self.agent.policy_state())
         self._t_log = (time.time(), self.env_steps, self.updates)
@@ -364,7 +373,7 @@ class Trainer:
         payload: Dict[str, Any] = {
             "agent": self.agent.state_dict(),
             "counters": {"env_steps": self.env_steps, "updates": self.updates, "episodes": self.episodes,
-                         "next_eval": float(self.next_eval), "next_ckpt": float(self.next_ckpt)},
+                         "resumes": self.resumes, "next_eval": float(self.next_eval), "next_ckpt": float(self.next_ckpt)},
             "task_steps": torch.from_numpy(self.task_steps.copy()),
             "history": json.dumps(self.history, default=float),
             "config": yaml.safe_dump(to_dict(self.cfg), sort_keys=False),

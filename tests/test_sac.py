@@ -69,8 +69,8 @@ def test_actor_loss_hand_values_with_padding_mask():
     cp = {k: v.detach() for k, v in ag.critic.named_parameters()}
     for task, n_real in ((0, 2), (1, 1)):
         b = {"obs": torch.zeros(4, 3), "eps": torch.zeros(4, 2), "mask": torch.tensor(mask[task], dtype=torch.float32),
-             "alpha": torch.tensor(0.5), "critic_params": cp}
-        loss = ag.actor_loss_one(dict(ag.actor.named_parameters()), b, torch.tensor(task))
+             "alpha": torch.tensor(0.5)}
+        loss = ag.actor_loss_one(dict(ag.actor.named_parameters()), b, torch.tensor(task), critic_params=cp)
         # a = 0, log pi = -n_real * log(sqrt(2 pi)), min Q = 1
         assert loss.item() == pytest.approx(0.5 * (-n_real * LOG2PI_HALF) - 1.0, abs=1e-5)
     assert ag.target_entropy.tolist() == [-2.0, -1.0]

@@ -4,28 +4,22 @@ data-dependent Python control flow on tensor values."""
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Type
+from typing import Any, List
 
 from torch import nn
 
-_BACKBONES: Dict[str, type] = {}
+from mtrl.registry import Registry
+
+BACKBONES = Registry("backbone")
 
 
-def register(name: str) -> Callable[[Type], Type]:
-    def deco(cls: Type) -> Type:
-        if name in _BACKBONES:
-            raise KeyError(f"backbone {name!r} registered twice")
-        _BACKBONES[name] = cls
-        return cls
-
-    return deco
+def register(name: str):
+    return BACKBONES.register(name)
 
 
 def available_backbones() -> List[str]:
-    return sorted(_BACKBONES)
+    return BACKBONES.names()
 
 
 def build_backbone(name: str, in_dim: int, out_dim: int, num_tasks: int, **kwargs: Any) -> nn.Module:
-    if name not in _BACKBONES:
-        raise ValueError(f"unknown backbone {name!r}; valid: {', '.join(available_backbones())}")
-    return _BACKBONES[name](in_dim, out_dim, num_tasks, **kwargs)
+    return BACKBONES.build(name, in_dim, out_dim, num_tasks, **kwargs)
