@@ -61,12 +61,16 @@ class Actor(nn.Module):
         self.act_dim = act_dim
         self.log_std_min, self.log_std_max = log_std_min, log_std_max
 
-    def forward(self, obs: Tensor, task: Tensor):
-        mean, log_std = self.net(obs, task).chunk(2, dim=-1)
+    def forward(self, obs: Tensor, task: Tensor, return_aux: bool = False):
+        out = self.net(obs, task, return_aux=True) if return_aux else self.net(obs, task)
+        aux = None
+        if return_aux:
+            out, aux = out
+        mean, log_std = out.chunk(2, dim=-1)
         # tanh-rescaled bounds as in CleanRL / SAC-AE: smooth, never saturates the clamp's zero gradient.
         log_std = torch.tanh(log_std)
         log_std = self.log_std_min + 0.5 * (self.log_std_max - self.log_std_min) * (log_std + 1)
-        return mean, log_std
+        return (mean, log_std, aux) if return_aux else (mean, log_std)
 
     def sample(self, obs: Tensor, task: Tensor, eps: Tensor, mask: Tensor):
         """Reparameterised action and its log-probability over the real (unmasked) dimensions."""
@@ -89,9 +93,19 @@ class TwinQ(nn.Module):
         self.q1 = build_backbone(backbone, obs_dim + act_dim, 1, num_tasks, **backbone_kwargs)
         self.q2 = build_backbone(backbone, obs_dim + act_dim, 1, num_tasks, **backbone_kwargs)
 
-    def forward(self, obs: Tensor, act: Tensor, task: Tensor):
+    def forward(self, obs: Tensor, act: Tensor, task: Tensor, return_aux: bool = False):
         x = torch.cat([obs, act], dim=-1)
+        if return_aux:
+            (q1, a1), (q2, a2) = self.q1(x, task, return_aux=True), self.q2(x, task, return_aux=True)
+            return q1.squeeze(-1), q2.squeeze(-1), a1 + a2
         return self.q1(x, task).squeeze(-1), self.q2(x, task).squeeze(-1)
+
+
+def has_aux_loss(module: nn.Module) -> bool:
+    """Backbones with an auxiliary loss (MoE balance, router contrast...) set ``has_aux_loss = True`` and accept
+    ``forward(x, task_id, return_aux=True) -> (out, aux_scalar)``; the aux scalar is already weighted and is added
+    to each task's loss, so it reaches the method like any other part of that task's loss."""
+    return any(getattr(m, "has_aux_loss", False) for m in module.modules())
 
 
 class NonFiniteLoss(RuntimeError):
@@ -133,6 +147,10 @@ class MTSAC:
         self.critic_method = get_method(method, num_tasks, **mk)
         self.actor_method = get_method(method, num_tasks, **mk)
         self.task_ids = torch.arange(num_tasks, device=self.device)
+        self.critic_aux, self.actor_aux = has_aux_loss(self.critic), has_aux_loss(self.actor)
+        # Modules that act after each optimizer step (mask updates, perturbations...): `after_step(ctx)`.
+        self.hooks = {role: [m for m in mod.modules() if callable(getattr(m, "after_step", None))]
+                      for role, mod in (("critic", self.critic), ("actor", self.actor))}
         self.critic_task_specific = _prefixed_task_specific(self.critic, "")
         self.actor_task_specific = _prefixed_task_specific(self.actor, "")
         self.generator = torch.Generator(device=self.device)
@@ -141,16 +159,23 @@ class MTSAC:
 
     # --- per-task losses (one task's slice; vmapped over the task axis) ---------------------------------------
     def critic_loss_one(self, params: Dict[str, Tensor], b: Dict[str, Tensor], task: Tensor) -> Tensor:
-        q1, q2 = functional_call(self.critic, params, (b["obs"], b["action"], task))
+        if self.critic_aux:
+            q1, q2, aux = functional_call(self.critic, params, (b["obs"], b["action"], task), {"return_aux": True})
+        else:
+            (q1, q2), aux = functional_call(self.critic, params, (b["obs"], b["action"], task)), 0.0
         y = b["target"]
-        return 0.5 * ((q1 - y).pow(2).mean() + (q2 - y).pow(2).mean())
+        return 0.5 * ((q1 - y).pow(2).mean() + (q2 - y).pow(2).mean()) + aux
 
     def actor_loss_one(self, params: Dict[str, Tensor], b: Dict[str, Tensor], task: Tensor, *,
                        critic_params: Dict[str, Tensor]) -> Tensor:
         """``critic_params`` (detached, shared by every task) is bound with functools.partial: not vmapped."""
-        a, logp = squash(*functional_call(self.actor, params, (b["obs"], task)), b["eps"], b["mask"])
+        if self.actor_aux:
+            mean, log_std, aux = functional_call(self.actor, params, (b["obs"], task), {"return_aux": True})
+        else:
+            (mean, log_std), aux = functional_call(self.actor, params, (b["obs"], task)), 0.0
+        a, logp = squash(mean, log_std, b["eps"], b["mask"])
         q1, q2 = functional_call(self.critic, critic_params, (b["obs"], a, task))
-        return (b["alpha"] * logp - torch.min(q1, q2)).mean()
+        return (b["alpha"] * logp - torch.min(q1, q2)).mean() + aux
 
     # --- the update -----------------------------------------------------------------------------------------
     def _flat(self, x: Tensor) -> Tensor:
@@ -228,6 +253,9 @@ class MTSAC:
         if self.cfg.max_grad_norm > 0:
             nn.utils.clip_grad_norm_(module.parameters(), self.cfg.max_grad_norm)
         opt.step()
+        for m in self.hooks[name]:
+            m.after_step({"role": name, "num_updates": self.num_updates, "loss_fn": loss_fn, "batch": batch,
+                          "params": dict(module.named_parameters()), "task_ids": self.task_ids, "info": info})
         return info
 
     def losses(self, batch: Dict[str, Tensor]) -> Dict[str, Tensor]:
