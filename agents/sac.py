@@ -127,8 +127,8 @@ class MTSAC:
 
     def __init__(self, obs_dim: int, act_dim: int, num_tasks: int, action_mask: np.ndarray, cfg: SACConfig, *,
                  backbone: str = "mlp", backbone_kwargs: Optional[Dict[str, Any]] = None, method: str = "mtsac",
-                 method_kwargs: Optional[Dict[str, Any]] = None, device: str | torch.device = "cpu",
-                 seed: int = 0) -> None:
+                 method_kwargs: Optional[Dict[str, Any]] = None, actor_method: Optional[str] = None,
+                 device: str | torch.device = "cpu", seed: int = 0) -> None:
         self.cfg = cfg
         self.device = torch.device(device)
         self.num_tasks, self.obs_dim, self.act_dim = num_tasks, obs_dim, act_dim
@@ -145,7 +145,8 @@ class MTSAC:
         mk = dict(method_kwargs or {})
         # One method instance per optimised loss: stateful methods (FAMO, Nash-MTL, ...) keep separate state.
         self.critic_method = get_method(method, num_tasks, **mk)
-        self.actor_method = get_method(method, num_tasks, **mk)
+        self.actor_method = (get_method(actor_method, num_tasks) if actor_method and actor_method != method
+                             else get_method(method, num_tasks, **mk))
         self.task_ids = torch.arange(num_tasks, device=self.device)
         self.critic_aux, self.actor_aux = has_aux_loss(self.critic), has_aux_loss(self.actor)
         # Modules that act after each optimizer step (mask updates, perturbations...): `after_step(ctx)`.
@@ -253,9 +254,18 @@ class MTSAC:
         if self.cfg.max_grad_norm > 0:
             nn.utils.clip_grad_norm_(module.parameters(), self.cfg.max_grad_norm)
         opt.step()
+        method.post_step()
+        changed = False
         for m in self.hooks[name]:
-            m.after_step({"role": name, "num_updates": self.num_updates, "loss_fn": loss_fn, "batch": batch,
-                          "params": dict(module.named_parameters()), "task_ids": self.task_ids, "info": info})
+            changed |= bool(m.after_step({"role": name, "num_updates": self.num_updates, "loss_fn": loss_fn,
+                                          "batch": batch, "params": dict(module.named_parameters()),
+                                          "task_ids": self.task_ids, "info": info}))
+        # [issue 4] An after_step that returns True changed buffers (e.g. harmony's per-task masks): the target
+        # critic shares them, so copy the critic's buffers into it (Polyak averaging only moves parameters).
+        if changed and name == "critic":
+            with torch.no_grad():
+                for dst, src in zip(self.critic_target.buffers(), self.critic.buffers()):
+                    dst.copy_(src)
         return info
 
     def losses(self, batch: Dict[str, Tensor]) -> Dict[str, Tensor]:

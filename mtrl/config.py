@@ -49,6 +49,9 @@ class Config:
     tasks: List[str] = field(default_factory=list)
     method: str = "mtsac"
     method_kwargs: Dict[str, Any] = field(default_factory=dict)
+    # Method for the actor loss when it must differ ("" = same as `method`): loss-weighting methods that need
+    # positive losses (famo, igb, uw) weight the critic and average the actor, whose SAC loss can be negative.
+    actor_method: str = ""
     algo: str = "sac"
     backbone: str = "mlp"
     backbone_kwargs: Dict[str, Any] = field(default_factory=dict)
@@ -69,7 +72,10 @@ class Config:
     chunk_steps: int = 50  # env steps per task per worker call
     max_lag_steps: int = 0  # env steps collected ahead of the update-to-data ratio; 0 = auto (2 rounds)
     progress: bool = True
-    save_replay: bool = False  # store the replay buffer in checkpoints (exact resume; large)
+    save_replay: bool = False
+    max_worker_restarts: int = 3  # consecutive failures of one worker before the run stops (with a checkpoint)
+    fault_inject: str = ""  # testing knob: "reset:<task>" (env raises on every reset) or "nan_reward:<task>"
+    nan_policy: str = "stop"  # a non-finite loss: "stop" the run (exit 1, last good checkpoint kept) or "skip" it  # store the replay buffer in checkpoints (exact resume; large)
     sac: SACConfig = field(default_factory=SACConfig)
 
 
@@ -196,10 +202,17 @@ def validate(cfg: Config) -> None:
 
     if cfg.algo not in ALGOS:
         raise ConfigError(f"unknown algo {cfg.algo!r}; valid: {', '.join(ALGOS)}")
-    if cfg.method not in available_methods():
+    # "stl" (issue 7): the single-task reference, one SB3 SAC per task (mtrl/stl.py); not a gradient method.
+    if cfg.method not in available_methods() and cfg.method != "stl":
         raise ConfigError(f"unknown method {cfg.method!r}; valid: {', '.join(available_methods())}")
+    if cfg.actor_method and cfg.actor_method not in available_methods():
+        raise ConfigError(f"unknown actor_method {cfg.actor_method!r}; valid: {', '.join(available_methods())}")
     if cfg.backbone not in available_backbones():
         raise ConfigError(f"unknown backbone {cfg.backbone!r}; valid: {', '.join(available_backbones())}")
+    if cfg.nan_policy not in ("stop", "skip"):
+        raise ConfigError(f"nan_policy={cfg.nan_policy!r}; valid: stop, skip")
+    if cfg.fault_inject and cfg.fault_inject.partition(":")[0] not in ("reset", "nan_reward"):
+        raise ConfigError(f"fault_inject={cfg.fault_inject!r}; valid: reset:<task>, nan_reward:<task>")
     if cfg.device not in DEVICES:
         raise ConfigError(f"unknown device {cfg.device!r}; valid: {', '.join(DEVICES)}")
     positive = {"total_steps": cfg.total_steps, "eval_episodes": cfg.eval_episodes, "chunk_steps": cfg.chunk_steps,
@@ -211,7 +224,8 @@ def validate(cfg: Config) -> None:
         if v <= 0:
             raise ConfigError(f"{k.replace('_', '-') if '.' not in k else k}={v} must be > 0")
     non_negative = {"workers": cfg.workers, "eval_every": cfg.eval_every, "checkpoint_every": cfg.checkpoint_every,
-                    "max_lag_steps": cfg.max_lag_steps, "sac.learning_starts": cfg.sac.learning_starts,
+                    "max_lag_steps": cfg.max_lag_steps,
+                    "max_worker_restarts": cfg.max_worker_restarts, "sac.learning_starts": cfg.sac.learning_starts,
                     "sac.max_grad_norm": cfg.sac.max_grad_norm}
     for k, v in non_negative.items():
         if v < 0:
@@ -239,7 +253,8 @@ def validate(cfg: Config) -> None:
     from mtrl.nets import build_backbone
 
     try:
-        get_method(cfg.method, suite.num_tasks, **cfg.method_kwargs)
+        if cfg.method != "stl":  # stl has no gradient method to build (issue 7)
+            get_method(cfg.method, suite.num_tasks, **cfg.method_kwargs)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"method {cfg.method!r}: {str(e).splitlines()[0]}") from None
     try:

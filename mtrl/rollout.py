@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+import gymnasium as gym
 import numpy as np
 import torch
 
@@ -31,6 +32,20 @@ class WorkerSpec:
     backbone_kwargs: Dict[str, Any]
     log_std_min: float
     log_std_max: float
+    name: str = "worker"
+    pid_dir: Optional[str] = None  # write <pid_dir>/<name>.pid (for operators and the fault tests)
+    fault: str = ""  # fault injection for tests: "reset:<task>" (env raises on every reset), "nan_reward:<task>"
+
+
+class EnvError(RuntimeError):
+    """An environment raised; the message names the task."""
+
+
+class _FailingReset(gym.Wrapper):
+    """Fault injection (``fault="reset:<task>"``): every reset raises, as a broken simulator would."""
+
+    def reset(self, **kwargs: Any):
+        raise RuntimeError("injected fault: reset always fails")
 
 
 class RolloutWorker:
@@ -40,11 +55,20 @@ class RolloutWorker:
         from agents.sac import Actor
 
         self.spec = spec
+        if spec.pid_dir:
+            os.makedirs(spec.pid_dir, exist_ok=True)
+            with open(os.path.join(spec.pid_dir, f"{spec.name}.pid"), "w") as f:
+                f.write(str(os.getpid()))
         self.suite = get_suite(spec.suite, spec.tasks or None)
         s = self.suite
         self.task_indices = list(spec.task_indices)
+        self.names = [s.tasks[t].name for t in self.task_indices]
         self.envs = [make_env(s.tasks[t], s.obs_dim, s.act_dim, goal_seed=spec.goal_seed, seed=seed)
                      for t, seed in zip(self.task_indices, spec.env_seeds)]
+        kind, _, bad = spec.fault.partition(":")
+        if kind == "reset":
+            self.envs = [_FailingReset(e) if n == bad else e for e, n in zip(self.envs, self.names)]
+        self.nan_reward = [kind == "nan_reward" and n == bad for n in self.names]
         self.policy = Actor(s.obs_dim, s.act_dim, s.num_tasks, spec.backbone, dict(spec.backbone_kwargs),
                             spec.log_std_min, spec.log_std_max)
         self.policy.eval()
@@ -53,10 +77,16 @@ class RolloutWorker:
         self.rng = np.random.default_rng(spec.policy_seed)
         self.gen = torch.Generator().manual_seed(spec.policy_seed)
         self.steps = np.asarray(spec.start_steps, dtype=np.int64)
-        self.obs = np.stack([env.reset(seed=seed)[0] for env, seed in zip(self.envs, spec.env_seeds)])
+        self.obs = np.stack([self._env_call(i, "reset", seed=seed)[0] for i, seed in enumerate(spec.env_seeds)])
         self.ep_ret = np.zeros(len(self.envs))
         self.ep_len = np.zeros(len(self.envs), dtype=np.int64)
         self.ep_success = np.zeros(len(self.envs), dtype=bool)
+
+    def _env_call(self, i: int, method: str, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return getattr(self.envs[i], method)(*args, **kwargs)
+        except Exception as e:  # name the task: "the env of push-v3 raised ..." beats a bare MuJoCo trace
+            raise EnvError(f"env of task {self.names[i]!r} raised {type(e).__name__} in {method}: {e}") from e
 
     def ping(self) -> int:
         return os.getpid()
@@ -86,10 +116,10 @@ class RolloutWorker:
             a = self._actions()
             obs[:, s] = self.obs
             act[:, s] = a
-            for i, env in enumerate(self.envs):
-                o2, r, te, tr, info = env.step(a[i])
+            for i in range(k):
+                o2, r, te, tr, info = self._env_call(i, "step", a[i])
                 nxt[i, s] = o2  # the true final observation on truncation: the learner bootstraps from it
-                rew[i, s] = r
+                rew[i, s] = float("nan") if self.nan_reward[i] else r
                 term[i, s] = float(te)
                 self.ep_ret[i] += r
                 self.ep_len[i] += 1
@@ -98,7 +128,7 @@ class RolloutWorker:
                     episodes.append((self.task_indices[i], float(self.ep_ret[i]), float(self.ep_success[i]),
                                      int(self.ep_len[i])))
                     self.ep_ret[i], self.ep_len[i], self.ep_success[i] = 0.0, 0, False
-                    o2, _ = env.reset()
+                    o2, _ = self._env_call(i, "reset")
                 self.obs[i] = o2
             self.steps += 1
         return {"task_indices": self.task_indices, "obs": obs, "action": act, "reward": rew, "next_obs": nxt,
@@ -127,20 +157,66 @@ class _Ready:
         self.value = value
 
 
+class WorkerError:
+    """What a failed call returns instead of its result: the worker died or raised."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+    def __repr__(self) -> str:
+        return f"WorkerError({self.message!r})"
+
+
+class _Broken:
+    """An in-process worker whose construction raised: every call raises the same error."""
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+    def __getattr__(self, name: str):
+        def fail(*args: Any, **kwargs: Any) -> Any:
+            raise self.exc
+
+        return fail
+
+
+def _describe(exc: BaseException) -> str:
+    try:
+        import ray.exceptions as rex
+    except ImportError:  # pragma: no cover
+        rex = None
+    if rex is not None and isinstance(exc, rex.RayTaskError) and exc.cause is not None:
+        exc = exc.cause
+    elif rex is not None and isinstance(exc, rex.RayActorError):
+        return "worker process died (" + (str(exc).splitlines() or ["no details"])[0][:200] + ")"
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+
+
 class WorkerPool:
-    """N Ray actors (or one in-process worker when ``num_workers == 0``) with a tiny async interface."""
+    """N Ray actors (or one in-process worker when ``use_ray`` is False) with a tiny async interface.
+
+    A call whose worker died or raised yields a ``WorkerError`` instead of a result; ``replace`` starts a fresh
+    worker for the same tasks. The pool never retries on its own: the runner decides (and bounds) restarts.
+    """
 
     def __init__(self, specs: Sequence[WorkerSpec], use_ray: bool, worker_cpus: float = 1.0) -> None:
         self.use_ray = use_ray
+        self.specs = list(specs)
         if use_ray:
             import ray
 
-            cls = ray.remote(num_cpus=worker_cpus)(RolloutWorker)
-            self.workers = [cls.remote(s) for s in specs]
-            ray.get([w.ping.remote() for w in self.workers])
-        else:
-            self.workers = [RolloutWorker(s) for s in specs]
+            self._cls = ray.remote(num_cpus=worker_cpus)(RolloutWorker)
+        self.workers = [self._spawn(s) for s in self.specs]
         self.pending: Dict[int, Any] = {}  # worker index -> in-flight collect
+        self._weights: Any = None  # the last broadcast, for replacements
+
+    def _spawn(self, spec: WorkerSpec) -> Any:
+        if self.use_ray:
+            return self._cls.remote(spec)  # a constructor error surfaces on the first call
+        try:
+            return RolloutWorker(spec)
+        except Exception as e:
+            return _Broken(e)
 
     def __len__(self) -> int:
         return len(self.workers)
@@ -149,7 +225,23 @@ class WorkerPool:
         w = self.workers[i]
         if self.use_ray:
             return getattr(w, method).remote(*args)
-        return _Ready(getattr(w, method)(*args))
+        try:
+            return _Ready(getattr(w, method)(*args))
+        except Exception as e:
+            return _Ready(WorkerError(_describe(e)))
+
+    def _get(self, ref: Any) -> Any:
+        if not self.use_ray:
+            return ref.value
+        import ray
+
+        try:
+            return ray.get(ref)
+        except Exception as e:  # RayActorError (died), RayTaskError (raised), ...
+            return WorkerError(_describe(e))
+
+    def pids(self) -> List[int]:
+        return [self._get(self._call(i, "ping")) for i in range(len(self.workers))]
 
     def submit_collect(self, i: int, n_steps: int) -> None:
         self.pending[i] = self._call(i, "collect", n_steps)
@@ -157,50 +249,63 @@ class WorkerPool:
     def idle(self) -> List[int]:
         return [i for i in range(len(self.workers)) if i not in self.pending]
 
-    def ready(self, block: bool) -> List[Tuple[int, Dict[str, Any]]]:
-        """Finished collects (worker index, result); waits for at least one when ``block`` and any is pending."""
+    def ready(self, block: bool) -> List[Tuple[int, Any]]:
+        """Finished collects as (worker index, result or WorkerError); waits for one when ``block``."""
         if not self.pending:
             return []
-        if not self.use_ray:
-            out = [(i, f.value) for i, f in self.pending.items()]
-            self.pending.clear()
-            return out
-        import ray
+        if self.use_ray:
+            import ray
 
-        refs = list(self.pending.values())
-        if block:
-            ray.wait(refs, num_returns=1)
-        done_set = set(ray.wait(refs, num_returns=len(refs), timeout=0)[0])
+            refs = list(self.pending.values())
+            if block:
+                ray.wait(refs, num_returns=1)
+            done = set(ray.wait(refs, num_returns=len(refs), timeout=0)[0])
+        else:
+            done = set(self.pending.values())
         out = []
         for i, ref in list(self.pending.items()):
-            if ref in done_set:
-                out.append((i, ray.get(ref)))
+            if ref in done:
+                out.append((i, self._get(ref)))
                 del self.pending[i]
         return out
+
+    def replace(self, i: int, spec: WorkerSpec) -> None:
+        """Kill worker ``i`` (if still alive) and start a fresh one for ``spec``, with the latest weights."""
+        self.pending.pop(i, None)
+        if self.use_ray:
+            import ray
+
+            try:
+                ray.kill(self.workers[i], no_restart=True)
+            except Exception:  # already dead
+                pass
+        self.specs[i] = spec
+        self.workers[i] = self._spawn(spec)
+        if self._weights is not None:
+            self._call(i, "set_weights", self._weights)
 
     def broadcast(self, state: Dict[str, np.ndarray]) -> None:
         if self.use_ray:
             import ray
 
-            ref = ray.put(state)  # one serialisation shared by every worker
-            for w in self.workers:
-                w.set_weights.remote(ref)
+            self._weights = ray.put(state)  # one serialisation shared by every worker
         else:
-            for w in self.workers:
-                w.set_weights(state)
+            self._weights = state
+        for i in range(len(self.workers)):
+            self._call(i, "set_weights", self._weights)  # in-process: errors resurface on the next collect
 
-    def evaluate(self, num_episodes: int, eval_seed: int) -> Dict[int, Dict[str, float]]:
+    def evaluate(self, num_episodes: int, eval_seed: int) -> Tuple[Dict[int, Dict[str, float]], Dict[int, str]]:
+        """Per-task results from every worker, plus {worker index: error} for workers that failed."""
         futures = [self._call(i, "evaluate", num_episodes, eval_seed) for i in range(len(self.workers))]
-        if self.use_ray:
-            import ray
-
-            results = ray.get(futures)
-        else:
-            results = [f.value for f in futures]
         merged: Dict[int, Dict[str, float]] = {}
-        for r in results:
-            merged.update(r)
-        return merged
+        failed: Dict[int, str] = {}
+        for i, f in enumerate(futures):
+            r = self._get(f)
+            if isinstance(r, WorkerError):
+                failed[i] = r.message
+            else:
+                merged.update(r)
+        return merged, failed
 
     def discard_pending(self) -> None:
         if self.use_ray:
@@ -216,5 +321,8 @@ class WorkerPool:
             import ray
 
             for w in self.workers:
-                ray.kill(w)
+                try:
+                    ray.kill(w)
+                except Exception:
+                    pass
         self.workers = []

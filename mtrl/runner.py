@@ -13,6 +13,7 @@ import json
 import math
 import os
 import signal
+import sys
 import time
 from collections import deque
 from pathlib import Path
@@ -30,11 +31,15 @@ from .config import Config, to_dict
 from .evaluation import summarize
 from .logging import Logger, Progress, cosine_image, git_commit, versions
 from .replay import MultiTaskReplay
-from .rollout import WorkerPool, WorkerSpec, split_tasks
+from .rollout import WorkerError, WorkerPool, WorkerSpec, split_tasks
 
 
 class NonFiniteError(RuntimeError):
     """A loss became NaN/inf; the message names the loss and the task."""
+
+
+class WorkerFailure(RuntimeError):
+    """A rollout worker kept failing (e.g. an env that raises on every reset); the message names its tasks."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -85,7 +90,8 @@ class Trainer:
         torch.manual_seed(int(torch_seq.generate_state(1)[0]))
         self.agent = MTSAC(self.suite.obs_dim, self.suite.act_dim, T, self.suite.action_mask, cfg.sac,
                            backbone=cfg.backbone, backbone_kwargs=cfg.backbone_kwargs, method=cfg.method,
-                           method_kwargs=cfg.method_kwargs, device=self.device,
+                           method_kwargs=cfg.method_kwargs, actor_method=cfg.actor_method or None,
+                           device=self.device,
                            seed=int(agent_seq.generate_state(1)[0]))
         self.replay = MultiTaskReplay(T, cfg.sac.buffer_size // T, self.suite.obs_dim, self.suite.act_dim,
                                       seed=int(replay_seq.generate_state(1)[0]))
@@ -97,6 +103,8 @@ class Trainer:
         self.history: List[Dict[str, Any]] = []
         self.next_eval = cfg.eval_every if cfg.eval_every > 0 else math.inf
         self.next_ckpt = cfg.checkpoint_every if cfg.checkpoint_every > 0 else math.inf
+        self.worker_restarts = 0
+        self.nan_skipped = 0
         if resume is not None:
             self._restore(resume)
         self.worker_seq = worker_seq
@@ -104,6 +112,7 @@ class Trainer:
         self.recent_succ: List[Deque[float]] = [deque(maxlen=10) for _ in range(T)]
         self.pool: Optional[WorkerPool] = None
         self.logger: Optional[Logger] = None
+        self.failures_in_a_row: List[int] = []
         self._started_ray = False
 
     # --- set-up ---------------------------------------------------------------------------------------------
@@ -112,6 +121,8 @@ class Trainer:
         c = payload["counters"]
         self.env_steps, self.updates, self.episodes = int(c["env_steps"]), int(c["updates"]), int(c["episodes"])
         self.resumes = int(c["resumes"]) + 1
+        self.worker_restarts = int(c["worker_restarts"])
+        self.nan_skipped = int(c["nan_skipped"])
         self.task_steps = payload["task_steps"].numpy().astype(np.int64)
         self.next_eval = float(c["next_eval"])
         self.next_ckpt = float(c["next_ckpt"])
@@ -144,24 +155,44 @@ class Trainer:
                      object_store_memory=256 * 1024 * 1024, runtime_env={"env_vars": {"PYTHONPATH": path}})
         self._started_ray = True
 
-    def _make_pool(self) -> WorkerPool:
+    def _worker_spec(self, i: int, task_slice: List[int]) -> WorkerSpec:
+        """Worker ``i``'s spec with the next fresh seed stream: a restarted worker does not replay old randomness."""
         cfg, s = self.cfg, self.suite
+        env_seq, pol_seq = self._seed_seq.spawn(1)[0].spawn(2)
+        return WorkerSpec(
+            suite=s.name if s.name != "custom" else None, tasks=list(cfg.tasks), task_indices=task_slice,
+            goal_seed=cfg.seed, env_seeds=[int(x) for x in env_seq.generate_state(len(task_slice))],
+            policy_seed=int(pol_seq.generate_state(1)[0]), learning_starts=cfg.sac.learning_starts,
+            start_steps=[int(self.task_steps[t]) for t in task_slice], backbone=cfg.backbone,
+            backbone_kwargs=dict(cfg.backbone_kwargs), log_std_min=cfg.sac.log_std_min,
+            log_std_max=cfg.sac.log_std_max, name=f"worker{i}", pid_dir=str(self.run_dir / "workers"),
+            fault=cfg.fault_inject)
+
+    def _make_pool(self) -> WorkerPool:
+        cfg = self.cfg
         slices = split_tasks(self.T, cfg.workers) if cfg.workers > 0 else [list(range(self.T))]
-        # Fresh streams per resume: a resumed run does not replay the first run's env randomness.
-        seqs = self.worker_seq.spawn(self.resumes + 1)[self.resumes].spawn(len(slices))
-        specs = []
-        for sl, seq in zip(slices, seqs):
-            env_seq, pol_seq = seq.spawn(2)
-            specs.append(WorkerSpec(
-                suite=s.name if s.name != "custom" else None, tasks=list(cfg.tasks), task_indices=sl,
-                goal_seed=cfg.seed, env_seeds=[int(x) for x in env_seq.generate_state(len(sl))],
-                policy_seed=int(pol_seq.generate_state(1)[0]), learning_starts=cfg.sac.learning_starts,
-                start_steps=[int(self.task_steps[t]) for t in sl], backbone=cfg.backbone,
-                backbone_kwargs=dict(cfg.backbone_kwargs), log_std_min=cfg.sac.log_std_min,
-                log_std_max=cfg.sac.log_std_max))
+        # One stream per resume, then one child per worker (re)start, in order.
+        self._seed_seq = self.worker_seq.spawn(self.resumes + 1)[self.resumes]
+        specs = [self._worker_spec(i, sl) for i, sl in enumerate(slices)]
+        self.failures_in_a_row = [0] * len(specs)
         if cfg.workers > 0:
             self._start_ray()
         return WorkerPool(specs, use_ray=cfg.workers > 0, worker_cpus=cfg.worker_cpus)
+
+    def _worker_failed(self, i: int, error: str) -> None:
+        """Replace worker ``i`` (its delivered episodes are kept; its partial episodes are lost with it), or stop
+        the run when it failed ``max_worker_restarts`` times in a row."""
+        assert self.pool is not None and self.logger is not None
+        names = [self.suite.task_names[t] for t in self.pool.specs[i].task_indices]
+        self.failures_in_a_row[i] += 1
+        if self.failures_in_a_row[i] > self.cfg.max_worker_restarts:
+            raise WorkerFailure(f"rollout worker for task(s) {', '.join(names)} failed "
+                                f"{self.failures_in_a_row[i]} times in a row; last error: {error}")
+        self.worker_restarts += 1
+        self.logger.scalar("workers/restarts", self.worker_restarts, self.env_steps)
+        print(f"warning: rollout worker {i} ({', '.join(names)}) failed: {error}; restarting "
+              f"({self.failures_in_a_row[i]}/{self.cfg.max_worker_restarts})", file=sys.stderr, flush=True)
+        self.pool.replace(i, self._worker_spec(i, self.pool.specs[i].task_indices))
 
     def _write_run_files(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -225,8 +256,11 @@ class Trainer:
             self.run_until(cfg.total_steps, progress)
             final = self.evaluate(final=True)
             self.save_checkpoint()
-        except KeyboardInterrupt:
-            # SIGINT/SIGTERM: keep everything done so far (`--resume RUN_DIR` continues from here).
+        except NonFiniteError:
+            raise  # keep the last good checkpoint: nothing from the bad update is written
+        except (KeyboardInterrupt, Exception):
+            # SIGINT/SIGTERM, a worker that keeps failing, or any crash: keep everything done so far
+            # (`--resume RUN_DIR` continues from here).
             if self.pool is not None:
                 self.pool.discard_pending()
                 self.save_checkpoint()
@@ -252,7 +286,11 @@ class Trainer:
             due = self.target_updates() > self.updates and self.replay.can_sample(B)
             if not due and not pool.pending:
                 break  # nothing to learn, nothing to collect: the budget is spent
-            for _, result in pool.ready(block=not due):
+            for i, result in pool.ready(block=not due):
+                if isinstance(result, WorkerError):
+                    self._worker_failed(i, result.message)
+                    continue
+                self.failures_in_a_row[i] = 0
                 n = self._ingest(result)
                 if progress is not None:
                     progress.update(n, updates=self.updates)
@@ -285,8 +323,16 @@ class Trainer:
         try:
             info = self.agent.update(batch)
         except NonFiniteLoss as e:
-            raise NonFiniteError(f"non-finite {e.loss} loss for task {self.suite.task_names[e.task]!r} at update "
-                                 f"{self.updates} (env step {self.env_steps})") from None
+            msg = (f"non-finite {e.loss} loss for task {self.suite.task_names[e.task]!r} at update {self.updates} "
+                   f"(env step {self.env_steps})")
+            if cfg.nan_policy == "stop":
+                raise NonFiniteError(msg) from None
+            # "skip": count it, leave the parameters as they were (the optimizer did not step), go on.
+            self.updates += 1
+            self.nan_skipped += 1
+            assert self.logger is not None
+            self.logger.scalar("train/nan_skipped", self.nan_skipped, self.env_steps)
+            return
         self.updates += 1
         if self.updates % cfg.weight_sync_every == 0:
             assert self.pool is not None
@@ -326,6 +372,7 @@ class Trainer:
         lg.scalar("time/fps", (self.env_steps - s_prev) / dt, step)
         lg.scalar("time/updates_per_s", (self.updates - u_prev) / dt, step)
         lg.scalar("time/replay_size", len(self.replay), step)
+        lg.scalar("workers/restarts", self.worker_restarts, step)
         self._t_log = (now, self.env_steps, self.updates)
 
     def _log_grad(self, info: Dict[str, Any]) -> None:
@@ -353,9 +400,16 @@ class Trainer:
         assert self.pool is not None and self.logger is not None
         self.pool.broadcast(self.agent.policy_state())
         t0 = time.time()
-        per_task = self.pool.evaluate(self.cfg.eval_episodes, eval_seed=self.cfg.seed + 10_000)
+        per_task: Dict[int, Dict[str, float]] = {}
+        while len(per_task) < self.T:
+            got, failed = self.pool.evaluate(self.cfg.eval_episodes, eval_seed=self.cfg.seed + 10_000)
+            per_task.update(got)
+            for i, err in failed.items():
+                self._worker_failed(i, err)
         res = summarize(self.suite, per_task)
-        res.update({"env_steps": self.env_steps, "updates": self.updates, "eval_seconds": time.time() - t0})
+        res.update({"env_steps": self.env_steps, "updates": self.updates, "eval_seconds": time.time() - t0,
+                    "task_steps": dict(zip(self.suite.task_names, self.task_steps.tolist())),
+                    "worker_restarts": self.worker_restarts, "nan_skipped": self.nan_skipped})
         lg, step = self.logger, self.env_steps
         lg.scalar("eval/success_rate", res["success_rate"], step)
         lg.scalar("eval/return", res["return"], step)
@@ -373,7 +427,8 @@ class Trainer:
         payload: Dict[str, Any] = {
             "agent": self.agent.state_dict(),
             "counters": {"env_steps": self.env_steps, "updates": self.updates, "episodes": self.episodes,
-                         "resumes": self.resumes, "next_eval": float(self.next_eval), "next_ckpt": float(self.next_ckpt)},
+                         "worker_restarts": self.worker_restarts,
+                         "nan_skipped": self.nan_skipped, "resumes": self.resumes, "next_eval": float(self.next_eval), "next_ckpt": float(self.next_ckpt)},
             "task_steps": torch.from_numpy(self.task_steps.copy()),
             "history": json.dumps(self.history, default=float),
             "config": yaml.safe_dump(to_dict(self.cfg), sort_keys=False),

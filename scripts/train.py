@@ -44,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     a = p.add_argument
     a("--suite", help=f"task suite: {suites}")
     a("--tasks", help="comma-separated Meta-World v3 tasks for a custom suite, e.g. reach-v3,push-v3")
-    a("--method", help=f"how task losses combine (default mtsac): {', '.join(available_methods())}")
+    a("--method", help=f"how task losses combine (default mtsac): {', '.join(available_methods())}; "
+                       "or stl = single-task reference (one SB3 SAC per task)")  # stl: issue 7
     a("--algo", help="learning algorithm: sac")
     a("--backbone", help=f"network: {', '.join(available_backbones())}")
     a("--seed", type=int)
@@ -148,6 +149,10 @@ def main(argv=None) -> int:
                 raise ConfigError(f"--run-dir {str(run_dir)!r} already holds a run; use --resume {run_dir} or "
                                   "another directory")
             cfg.run_dir = str(run_dir)
+        # issue 7: `--method stl` (single-task SB3 reference, mtrl/stl.py) has no checkpoint to resume from.
+        if args.resume and cfg.method == "stl":
+            raise ConfigError(f"--resume {args.resume!r}: stl runs (single-task reference) cannot be resumed; "
+                              "start a new run")
         payload = None
         if args.resume:
             from mtrl.checkpoint import CheckpointError, load
@@ -160,7 +165,15 @@ def main(argv=None) -> int:
         bad(str(e))
         return 2
 
-    from mtrl.runner import NonFiniteError, Trainer
+    if cfg.method == "stl":  # issue 7: the single-task reference, one SB3 SAC per task (mtrl/stl.py)
+        from mtrl.stl import run_stl
+
+        print(f"run directory: {run_dir}", flush=True)
+        final = run_stl(cfg, run_dir)
+        print(f"final: success_rate={final['success_rate']:.3f} return={final['return']:.1f} ({run_dir}/results.json)")
+        return 0
+
+    from mtrl.runner import NonFiniteError, Trainer, WorkerFailure
 
     trainer = Trainer(cfg, run_dir, resume=payload)
     print(f"run directory: {run_dir}", flush=True)
@@ -168,6 +181,9 @@ def main(argv=None) -> int:
         final = trainer.train()
     except NonFiniteError as e:
         sys.stderr.write(f"train.py: stopped: {e}; the last good checkpoint in {run_dir} is kept\n")
+        return 1
+    except WorkerFailure as e:
+        sys.stderr.write(f"train.py: stopped: {e}; checkpoint saved in {run_dir}\n")
         return 1
     except KeyboardInterrupt:
         sys.stderr.write(f"train.py: interrupted; checkpoint saved in {run_dir} (continue with --resume {run_dir})\n")

@@ -105,13 +105,14 @@ class Method:
     name: str = "base"
     kind: str = "base"  # "mean" | "loss" | "jacobian" | "gramian" | "perturbation" | "wrapper"
     OPTIONS: Dict[str, Any] = {}
+    accepts_task_specific: bool = True  # backward(..., task_specific=...) is understood
 
     def __init__(self, num_tasks: int, **kwargs: Any) -> None:
         if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1:
             raise ValueError(f"method {self.name!r}: num_tasks={num_tasks!r} is invalid; expected an integer >= 1")
         if kwargs and not self.OPTIONS:
             raise ValueError(
-                f"method {self.name!r} got unknown option(s) {sorted(kwargs)}; it takes none"
+                f"method {self.name!r} got unknown option(s) {sorted(kwargs)}; it takes none (valid options: none)"
             )
         self.num_tasks = num_tasks
         self.options = parse_options(self.name, kwargs, self.OPTIONS)
@@ -216,7 +217,9 @@ class GramianMethod(JacobianMethod):
     def aggregate(self, jacobian: Tensor, gramian: Tensor) -> Tuple[Tensor, Dict[str, Any]]:
         from . import engine
 
-        w = self.weights(gramian.detach().to("cpu", torch.float64))
+        g = gramian.detach().to("cpu", torch.float64)
+        with engine.single_thread():
+            w = self.weights(g)
         return engine.combine(w, jacobian), {"weights": w.to(torch.float32)}
 
     def weights(self, gramian: Tensor) -> Tensor:

@@ -46,6 +46,20 @@ def full_precision() -> Iterator[None]:
             torch.set_float32_matmul_precision(prev)
 
 
+@contextlib.contextmanager
+def single_thread() -> Iterator[None]:
+    """One torch CPU thread inside the block: for the tiny T x T problems, where the thread pool's start-up and
+    contention cost 100x the work (a 50 x 50 pinv: 0.5 ms on one thread, ~100 ms on two busy cores)."""
+    n = torch.get_num_threads()
+    if n > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if n > 1:
+            torch.set_num_threads(n)
+
+
 def split_parameters(params: Dict[str, Tensor], task_specific: Optional[Set[str]] = None
                      ) -> Tuple[List[str], List[str]]:
     """(shared names, task-specific names) among the trainable tensors of ``params``, in ``params`` order."""
@@ -127,7 +141,16 @@ def compute_jacobian(loss_fn: LossFn, params: Dict[str, Tensor], batch: Any, tas
         ids = task_ids if whole else task_ids[start:stop]
         inputs = {n: (per_task[n] if whole else per_task[n][start:stop]) if n in per_task else point[n]
                   for n in diff_names}
-        grads, vals = batched(inputs, b, ids)
+        try:
+            grads, vals = batched(inputs, b, ids)
+        except RuntimeError as err:
+            if "vmap: It looks like you" not in str(err):
+                raise
+            raise RuntimeError(
+                "loss_fn cannot run under vmap(grad(...)) over the task axis: it has data-dependent ops on the "
+                "task id or batch (e.g. F.one_hot(task_id) or tensor[task_id]); use vmap-safe forms such as "
+                "(torch.arange(T) == task_id).float() and torch.index_select. Original error: "
+                + str(err).splitlines()[0][:200]) from err
         if shared:
             torch.cat([grads[n].reshape(stop - start, -1) for n in shared], dim=1, out=jac[start:stop])
         for n in ts:

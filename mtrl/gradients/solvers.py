@@ -9,17 +9,19 @@ Here every problem is solved in *cosine coordinates*: with ``n_i = |g_i|`` and `
 whatever the norm spread, and the guarantees are exact up to float64 rounding (tested at spreads of 1e6):
 
 * ``nnqp``: min 1/2 x^T Q x + c^T x s.t. x >= 0 -- a primal active-set method (Lawson-Hanson / Bro-de Jong
-  "fast NNLS" on the normal equations), finite, exact for positive-definite Q; Q gets a 1e-10 ridge (C has a
-  unit diagonal, so this is relative) to stay definite when task gradients are linearly dependent;
-* ``mgda_weights``: the min-norm point of the convex hull of the g_i through its dual, the least-distance
-  problem min |x|^2 s.t. g_i.x >= 1, i.e. NNQP min 1/2 u^T G u - 1^T u; w = u / sum(u) (so g_i.d >= |d|^2 for
-  every i: non-conflicting);
+  "fast NNLS" on the normal equations), finite, exact for positive-definite Q; no regularisation (even a 1e-10
+  ridge costs 1e-4 relative accuracy on ill-conditioned C); the face problems are solved with a pseudo-inverse
+  (relative cutoff 1e-12), so linearly dependent or exactly opposite task gradients (singular C) are handled;
+* ``mgda_weights``: the min-norm point of the convex hull of the g_i, a QP on the simplex solved by a primal
+  active-set method (``simplex_qp``; bounded and exact also when 0 is in the hull); g_i.d >= |d|^2 for every i
+  (non-conflicting);
 * ``dual_cone_weights``: v = argmin v^T G v s.t. v >= a, i.e. the projection of J^T a onto the dual cone
   {x : J x >= 0} (UPGrad: a = e_i for every i; DualProj: a = 1/T);
 * ``nash_weights``: the Nash bargaining solution G alpha = 1 / alpha via Newton's method on the strictly convex
   f(b) = 1/2 b^T C b - sum log b (its gradient C b - 1/b vanishes exactly at the solution);
-* ``cagrad_weights``: min_{w in simplex} w^T G 1/T + c |g_0| sqrt(w^T G w) with SLSQP (as the official code) or
-  the MTRL reference's 20 momentum-SGD steps on softmax logits;
+* ``cagrad_weights``: min_{w in simplex} w^T G 1/T + c |g_0| sqrt(w^T G w) by an active-set projected Newton
+  method (``exact``), SLSQP (as the official code; scipy, imported only then) or the MTRL reference's 20
+  momentum-SGD steps on softmax logits;
 * ``config_weights``: ConFIG's direction ``pinv(U) 1`` expressed through the Gramian.
 """
 
@@ -30,8 +32,6 @@ from typing import Optional, Tuple
 import numpy as np
 import torch
 from torch import Tensor
-
-RIDGE = 1e-10
 
 
 def _as_numpy(gramian: Tensor | np.ndarray) -> np.ndarray:
@@ -55,10 +55,25 @@ def cosine_coordinates(gramian: Tensor | np.ndarray, zero_tol: float = 1e-15
     return n, c, nz
 
 
+def _psd_solve(q: np.ndarray, b: np.ndarray, rcond: float = 1e-12) -> np.ndarray:
+    """The minimum-norm solution of q x = b for a symmetric PSD ``q`` (pseudo-inverse with a relative cutoff):
+    exact where q is definite, and a minimiser of 1/2 x^T q x - b^T x where q is singular and b in its range (the
+    face problems of the dual-cone QPs, whose linear term is C a, always are)."""
+    try:  # fast path: a well-conditioned positive-definite block (Cholesky pivots as the condition estimate)
+        low = np.linalg.cholesky(q)
+        piv = np.diag(low) ** 2
+        if piv.min() > 1e3 * rcond * piv.max():
+            return np.linalg.solve(q, b)
+    except np.linalg.LinAlgError:
+        pass
+    w, v = np.linalg.eigh(q)
+    keep = w > rcond * max(float(w.max(initial=0.0)), 1e-300)
+    return v[:, keep] @ ((v[:, keep].T @ b) / w[keep])
+
+
 def nnqp(q: np.ndarray, c: np.ndarray, tol: float = 1e-13, max_iter: Optional[int] = None) -> np.ndarray:
-    """argmin_{x >= 0} 1/2 x^T q x + c^T x for symmetric positive (semi)definite ``q`` (ridge added)."""
+    """argmin_{x >= 0} 1/2 x^T q x + c^T x for a symmetric positive (semi)definite ``q``."""
     k = c.shape[0]
-    q = q + RIDGE * np.eye(k)
     x = np.zeros(k)
     passive = np.zeros(k, dtype=bool)
     scale = max(1.0, float(np.abs(c).max(initial=0.0)))
@@ -69,11 +84,7 @@ def nnqp(q: np.ndarray, c: np.ndarray, tol: float = 1e-13, max_iter: Optional[in
         s = np.zeros(k)
         idx = np.flatnonzero(passive)
         if idx.size:
-            sub = q[np.ix_(idx, idx)]
-            try:
-                s[idx] = np.linalg.solve(sub, -c[idx])
-            except np.linalg.LinAlgError:
-                s[idx] = np.linalg.lstsq(sub, -c[idx], rcond=None)[0]
+            s[idx] = _psd_solve(q[np.ix_(idx, idx)], -c[idx])
         return s
 
     for _ in range(max_iter):
@@ -98,19 +109,85 @@ def nnqp(q: np.ndarray, c: np.ndarray, tol: float = 1e-13, max_iter: Optional[in
     return x
 
 
+def simplex_qp(c: np.ndarray, a: np.ndarray, tol: float = 1e-12, max_iter: Optional[int] = None) -> np.ndarray:
+    """argmin_y 1/2 y^T c y s.t. a^T y = 1, y >= 0 (``c`` PSD, ``a`` > 0): a primal active-set method.
+
+    On the support S the face optimum solves [[c_SS, a_S], [a_S^T, 0]] [y_S; -mu] = [0; 1]; a step toward it that
+    would leave y >= 0 is cut and the blocking index leaves S; at a face optimum the index i outside S with the most
+    negative (c y)_i - mu a_i enters. Always bounded (also when 0 is in the convex hull, where c_SS is singular:
+    least squares then), finite, exact.
+    """
+    k = a.shape[0]
+    scale = float(a.max())
+    a = a / scale  # equilibrated: y' = y * scale
+    y = np.zeros(k)
+    j0 = int(np.argmin(np.diag(c) / a**2))  # the best vertex
+    y[j0] = 1.0 / a[j0]
+    support = np.zeros(k, dtype=bool)
+    support[j0] = True
+    max_iter = max_iter or (10 * k + 50)
+    for _ in range(max_iter):
+        idx = np.flatnonzero(support)
+        m = idx.size
+        kkt = np.zeros((m + 1, m + 1))
+        kkt[:m, :m] = c[np.ix_(idx, idx)]
+        kkt[:m, m] = a[idx]
+        kkt[m, :m] = a[idx]
+        rhs = np.zeros(m + 1)
+        rhs[m] = 1.0
+        try:
+            sol = np.linalg.solve(kkt, rhs)
+            if not np.all(np.isfinite(sol)):
+                raise np.linalg.LinAlgError
+        except np.linalg.LinAlgError:
+            sol = np.linalg.lstsq(kkt, rhs, rcond=None)[0]
+        target = np.zeros(k)
+        target[idx] = sol[:m]
+        if np.all(target[idx] > 0):
+            y = target
+            cy = c @ y
+            mu = float(y @ cy)  # = mu at a face optimum (a^T y = 1)
+            gap = cy - mu * a
+            gap[support] = np.inf
+            i = int(np.argmin(gap))
+            if gap[i] >= -tol * (abs(mu) * a[i] + abs(cy[i]) + 1e-300):
+                break
+            support[i] = True
+            continue
+        d = target - y
+        neg = support & (d < 0)
+        steps = y[neg] / -d[neg]
+        alpha = float(np.min(steps)) if steps.size else 1.0
+        y = y + min(alpha, 1.0) * d
+        blocking = support & (y <= 1e-15 * (1.0 / a).max())
+        if not blocking.any():  # numerical safety: drop the smallest
+            blocking = np.zeros(k, dtype=bool)
+            blocking[idx[int(np.argmin(y[idx]))]] = True
+        support &= ~blocking
+        y[~support] = 0.0
+        if not support.any():
+            support[j0] = True
+            y[:] = 0.0
+            y[j0] = 1.0 / a[j0]
+    y = np.clip(y, 0.0, None)
+    return y / scale
+
+
 def mgda_weights(gramian: Tensor | np.ndarray) -> np.ndarray:
-    """MGDA: w on the simplex minimising |J^T w| (the min-norm point of the convex hull of the g_i)."""
+    """MGDA: w on the simplex minimising |J^T w| (the min-norm point of the convex hull of the g_i).
+
+    In cosine coordinates y = D w: min y^T C y s.t. sum_i y_i / n_i = 1, y >= 0 (``simplex_qp``). At the optimum
+    g_i . d >= |d|^2 for every i (non-conflicting), with equality on the support.
+    """
     n, c, nz = cosine_coordinates(gramian)
     t = n.shape[0]
+    w = np.zeros(t)
     if not nz.all():  # a zero gradient is in the hull: the min-norm point is 0
-        w = np.zeros(t)
         w[int(np.flatnonzero(~nz)[0])] = 1.0
         return w
-    y = nnqp(c, -1.0 / n)
-    u = y / n
-    if u.sum() <= 0:
-        return np.full(t, 1.0 / t)
-    return u / u.sum()
+    y = simplex_qp(c, 1.0 / n)
+    w = y / n
+    return w / w.sum()
 
 
 def dual_cone_weights(gramian: Tensor | np.ndarray, lower: np.ndarray) -> np.ndarray:
@@ -150,12 +227,13 @@ def dualproj_weights(gramian: Tensor | np.ndarray) -> np.ndarray:
 
 def nash_weights(gramian: Tensor | np.ndarray, init: Optional[np.ndarray] = None, tol: float = 1e-10,
                  max_iter: int = 100, ridge: float = 1e-8) -> Tuple[np.ndarray, bool]:
-    """Nash-MTL: alpha > 0 with (G / |G|_F) alpha = 1 / alpha (Navon et al. 2022, eq. in Thm 5.4).
+    """Nash-MTL: alpha > 0 with (G / s) alpha = 1 / alpha, s = |G|_F (Navon et al. 2022, Alg. 1).
 
-    Solved in cosine coordinates: b = sqrt(|G|_F)... see module docstring; with alpha = sqrt(s) b / n where
-    s = |G|_F, C b = 1 / b. ``init``: a previous alpha for a warm start. Returns (alpha, converged).
-    Zero gradients get weight 0. ``ridge`` keeps the problem bounded when the task gradients are Pareto-stationary
-    (then no exact solution exists; the ridge picks a large but finite one, like the reference's CCP).
+    In cosine coordinates (G = D C D, D = diag |g_i|) put alpha = sqrt(s) b / |g|: the equation becomes C b = 1 / b,
+    the stationarity condition of the strictly convex f(b) = 1/2 b^T C b - sum log b, minimised by damped Newton
+    steps. ``init``: a previous alpha (warm start). Returns (alpha, converged). Zero gradients get weight 0.
+    ``ridge`` (added to C) keeps f bounded below when the gradients are Pareto-stationary (no exact solution then;
+    the ridge picks a large finite one, as the reference's CCP does).
     """
     g = _as_numpy(gramian)
     t = g.shape[0]
@@ -196,7 +274,7 @@ def nash_weights(gramian: Tensor | np.ndarray, init: Optional[np.ndarray] = None
     return alpha, converged
 
 
-def cagrad_weights(gramian: Tensor | np.ndarray, c: float, rescale: int = 1, solver: str = "slsqp",
+def cagrad_weights(gramian: Tensor | np.ndarray, c: float, rescale: int = 1, solver: str = "exact",
                    sgd_lr: float = 25.0, sgd_steps: int = 20) -> Tuple[np.ndarray, np.ndarray]:
     """CAGrad (Liu et al. 2021): weights on the rows of J, and the inner simplex solution w.
 
@@ -213,23 +291,20 @@ def cagrad_weights(gramian: Tensor | np.ndarray, c: float, rescale: int = 1, sol
     b = gs.mean(axis=1)
     g0_norm = float(np.sqrt(max(gs.mean(), 0.0)))
     k = c * g0_norm
-    if solver == "slsqp":
+    if solver == "exact":
+        w = _cagrad_active_set(gs, b, k)
+    elif solver == "slsqp":  # the official supervised code (Cranial-XIX/CAGrad nyuv2/utils.py)
         from scipy.optimize import minimize
 
         def obj(x: np.ndarray) -> Tuple[float, np.ndarray]:
-            q = float(x @ gs @ x)
-            r = np.sqrt(max(q, 1e-30))
+            r = np.sqrt(max(float(x @ gs @ x), 1e-30))
             return float(x @ b + k * r), b + k * (gs @ x) / r
 
-        best = None
-        for x0 in (np.full(t, 1.0 / t),):
-            res = minimize(obj, x0, jac=True, method="SLSQP", bounds=[(0.0, 1.0)] * t,
-                           constraints=[{"type": "eq", "fun": lambda x: 1.0 - x.sum(),
-                                         "jac": lambda x: -np.ones_like(x)}],
-                           options={"ftol": 1e-14, "maxiter": 500})
-            if best is None or res.fun < best.fun:
-                best = res
-        w = np.clip(best.x, 0.0, None)
+        res = minimize(obj, np.full(t, 1.0 / t), jac=True, method="SLSQP", bounds=[(0.0, 1.0)] * t,
+                       constraints=[{"type": "eq", "fun": lambda x: 1.0 - x.sum(),
+                                     "jac": lambda x: -np.ones_like(x)}],
+                       options={"ftol": 1e-12, "maxiter": 500})
+        w = np.clip(res.x, 0.0, None)
         w = w / w.sum()
     else:  # "sgd": the MTRL reference (Cranial-XIX/CAGrad mtrl_files/cagrad.py): 20 SGD steps on softmax logits
         w = _cagrad_sgd(gs, c, sgd_lr, sgd_steps)
@@ -237,6 +312,78 @@ def cagrad_weights(gramian: Tensor | np.ndarray, c: float, rescale: int = 1, sol
     lam = k / gw_norm if gw_norm > 1e-12 else 0.0
     weights = (np.full(t, 1.0 / t) + lam * w) / _rescale(c, rescale)
     return weights, w
+
+
+def _cagrad_active_set(gs: np.ndarray, b: np.ndarray, k: float, tol: float = 1e-12, max_iter: int = 500
+                       ) -> np.ndarray:
+    """argmin_{w in simplex} F(w) = b^T w + k sqrt(w^T gs w): active-set projected Newton.
+
+    On the current support S, Newton steps restricted to sum(w_S) = 1 (KKT system with one multiplier); a step
+    that would leave the simplex is cut at the boundary and the variable leaves S; at a face optimum (all
+    gradients on S equal to mu) an index j outside S with grad_j < mu enters. F is convex, so the face optimum
+    with no entering index is the global optimum (the KKT conditions of the simplex problem hold).
+    """
+    t = b.shape[0]
+    w = np.full(t, 1.0 / t)
+    support = np.ones(t, dtype=bool)
+
+    def f(x: np.ndarray) -> float:
+        return float(x @ b + k * np.sqrt(max(float(x @ gs @ x), 0.0)))
+
+    gscale = max(1e-300, float(np.abs(b).max()) + k * float(np.sqrt(np.abs(np.diag(gs)).max())))
+    for _ in range(max_iter):
+        q = gs @ w
+        r = float(np.sqrt(max(float(w @ q), 0.0)))
+        if r <= 1e-150:  # g_w = 0: a Pareto-stationary mix, F is linear there; nothing better to do
+            break
+        grad = b + k * q / r
+        idx = np.flatnonzero(support)
+        m = idx.size
+        hess = k * (gs[np.ix_(idx, idx)] / r - np.outer(q[idx], q[idx]) / r**3)
+        kkt = np.zeros((m + 1, m + 1))
+        kkt[:m, :m] = hess + 1e-12 * np.eye(m)
+        kkt[:m, m] = 1.0
+        kkt[m, :m] = 1.0
+        rhs = np.concatenate([-grad[idx], [0.0]])
+        try:
+            sol = np.linalg.solve(kkt, rhs)
+        except np.linalg.LinAlgError:
+            sol = np.linalg.lstsq(kkt, rhs, rcond=None)[0]
+        d = np.zeros(t)
+        d[idx] = sol[:m]
+        slope = float(grad @ d)
+        if not np.isfinite(slope) or slope >= 0:  # Newton direction unusable: projected gradient on the face
+            d = np.zeros(t)
+            d[idx] = -(grad[idx] - grad[idx].mean())
+            slope = float(grad @ d)
+        face_opt = float(np.abs(grad[idx] - grad[idx].mean()).max()) <= tol * gscale
+        if face_opt or np.abs(d).max() <= 1e-9 or -slope <= 1e-20 * gscale:
+            mu = float(grad[idx].mean())
+            enter = (~support) & (grad < mu - tol * gscale)
+            if not enter.any():
+                break
+            support[int(np.argmin(np.where(enter, grad, np.inf)))] = True
+            continue
+        neg = d < 0
+        amax = float(np.min(w[neg] / -d[neg])) if neg.any() else np.inf
+        a = min(1.0, amax)
+        f0 = f(w)
+        while a > 1e-16 and f(w + a * d) > f0 + 1e-4 * a * slope:
+            a *= 0.5
+        if a <= 1e-12 and amax > 1e-12:  # no progress possible on this face: treat it as optimal
+            mu = float(grad[idx].mean())
+            enter = (~support) & (grad < mu - 1e-9 * gscale)
+            if not enter.any():
+                break
+            support[int(np.argmin(np.where(enter, grad, np.inf)))] = True
+            continue
+        w = w + a * d
+        if a == amax:
+            support &= w > 1e-15
+        w[~support] = 0.0
+        w = np.clip(w, 0.0, None)
+        w = w / w.sum()
+    return w
 
 
 def _rescale(c: float, rescale: int) -> float:

@@ -9,7 +9,6 @@ from __future__ import annotations
 from typing import List
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .registry import register
@@ -17,7 +16,8 @@ from .registry import register
 
 def task_one_hot(task_id: Tensor, num_tasks: int, batch: int, dtype: torch.dtype) -> Tensor:
     """(B, T) one-hot; ``task_id`` is (B,) or a 0-d tensor (one task's slice under vmap), broadcast to B rows."""
-    oh = F.one_hot(task_id.long(), num_tasks).to(dtype)
+    # A comparison, not F.one_hot/indexing: those take a data-dependent path that vmap(grad(...)) cannot batch.
+    oh = (task_id.long().unsqueeze(-1) == torch.arange(num_tasks, device=task_id.device)).to(dtype)
     return oh.expand(batch, num_tasks) if oh.dim() == 1 else oh
 
 

@@ -26,12 +26,13 @@ class MultiHeadBackbone(nn.Module):
         self.head_b = nn.Parameter(torch.empty(num_tasks, out_dim).uniform_(-bound, bound))
 
     def forward(self, x: Tensor, task_id: Tensor) -> Tensor:
-        h = self.trunk(torch.cat([x, task_one_hot(task_id, self.num_tasks, x.shape[0], x.dtype)], dim=-1))
-        w = self.head_w[task_id]  # (D, O) for a 0-d id, (B, D, O) per sample otherwise
-        b = self.head_b[task_id]
-        if w.dim() == 2:
-            return h @ w + b
-        return torch.einsum("bd,bdo->bo", h, w) + b
+        oh = task_one_hot(task_id, self.num_tasks, x.shape[0], x.dtype)
+        h = self.trunk(torch.cat([x, oh], dim=-1))
+        if task_id.dim() == 0:  # one task's slice (under vmap): select its head by a one-hot product, not indexing
+            sel = oh[0]
+            w = torch.einsum("t,tdo->do", sel, self.head_w)
+            return h @ w + sel @ self.head_b
+        return torch.einsum("bd,tdo,bt->bo", h, self.head_w, oh) + oh @ self.head_b
 
     def task_specific_parameters(self) -> Set[str]:
         return {"head_w", "head_b"}

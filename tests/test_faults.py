@@ -1,0 +1,95 @@
+"""Faults: workers that die or whose envs raise, NaN losses, a killed trainer — all with real envs and real Ray."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import TINY
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+import train  # noqa: E402
+
+
+def test_env_raising_on_every_reset_stops_cleanly_naming_the_task(tmp_path, capsys):
+    run = tmp_path / "run"
+    rc = train.main(["--suite", "mt10", "--total-steps", "2000", "--workers", "0", "--run-dir", str(run),
+                     "--set", "fault_inject=reset:push-v3", "--set", "max_worker_restarts=2", *TINY])
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert "push-v3" in err and "failed 3 times in a row" in err and "injected fault" in err
+    assert (run / "checkpoint.pt").is_file()  # stopped cleanly, with a checkpoint
+
+
+def test_nan_reward_stops_naming_the_task_and_skip_policy_continues(tmp_path, capsys):
+    args = ["--suite", "mt10", "--total-steps", "600", "--workers", "0", "--eval-every", "0",
+            "--set", "fault_inject=nan_reward:drawer-open-v3", *TINY]
+    rc = train.main(args + ["--run-dir", str(tmp_path / "stop")])
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert "non-finite critic loss for task 'drawer-open-v3'" in err
+    assert not (tmp_path / "stop" / "checkpoint.pt").exists()  # nothing written from the bad state
+
+    rc = train.main(args + ["--run-dir", str(tmp_path / "skip"), "--set", "nan_policy=skip"])
+    assert rc == 0
+    res = json.loads((tmp_path / "skip" / "results.json").read_text())["final"]
+    assert res["nan_skipped"] > 0 and res["env_steps"] >= 600
+
+
+def _spawn_train(args, cwd):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "RAY_AUTH_MODE": "disabled"}
+    return subprocess.Popen([sys.executable, str(ROOT / "scripts/train.py"), *args], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def _wait_for(path: Path, proc, timeout=120.0):
+    t0 = time.time()
+    while not path.exists():
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.time() - t0 < timeout, f"{path} never appeared"
+        time.sleep(0.2)
+
+
+@pytest.mark.ray
+def test_kill_9_a_ray_worker_mid_run_is_replaced_and_every_task_delivers(tmp_path):
+    run = tmp_path / "run"
+    proc = _spawn_train(["--suite", "mt10", "--total-steps", "3000", "--workers", "2", "--eval-every", "0",
+                         "--run-dir", str(run), *TINY], tmp_path)
+    try:
+        pid_file = run / "workers" / "worker1.pid"
+        _wait_for(pid_file, proc)
+        time.sleep(3.0)  # let it deliver some chunks first
+        os.kill(int(pid_file.read_text()), signal.SIGKILL)
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, out
+    assert "rollout worker 1" in out and "restarting" in out
+    res = json.loads((run / "results.json").read_text())["final"]
+    assert res["worker_restarts"] >= 1
+    steps = res["task_steps"]
+    assert len(steps) == 10 and min(steps.values()) >= 0.5 * 3000 / 10, steps  # the replaced worker's tasks too
+
+
+@pytest.mark.ray
+def test_kill_9_the_trainer_after_a_checkpoint_then_resume_completes(tmp_path):
+    run = tmp_path / "run"
+    proc = _spawn_train(["--suite", "mt10", "--total-steps", "100000", "--workers", "1", "--eval-every", "0",
+                         "--checkpoint-every", "600", "--run-dir", str(run), *TINY], tmp_path)
+    try:
+        _wait_for(run / "checkpoint.pt", proc)
+        os.killpg(proc.pid, signal.SIGKILL)  # the trainer and everything it started, no chance to save
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert train.main(["--resume", str(run), "--total-steps", "1800", "--workers", "0", "--no-progress"]) == 0
+    res = json.loads((run / "results.json").read_text())["final"]
+    assert res["env_steps"] >= 1800
