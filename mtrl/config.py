@@ -73,6 +73,7 @@ class Config:
     max_lag_steps: int = 0  # env steps collected ahead of the update-to-data ratio; 0 = auto (2 rounds)
     progress: bool = True
     save_replay: bool = False
+    dashboard: bool = False  # start the Ray dashboard (bound to 127.0.0.1) with the embedded local Ray
     max_worker_restarts: int = 3  # consecutive failures of one worker before the run stops (with a checkpoint)
     fault_inject: str = ""  # testing knob: "reset:<task>" (env raises on every reset) or "nan_reward:<task>"
     nan_policy: str = "stop"  # a non-finite loss: "stop" the run (exit 1, last good checkpoint kept) or "skip" it  # store the replay buffer in checkpoints (exact resume; large)

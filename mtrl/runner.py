@@ -151,8 +151,11 @@ class Trainer:
             # Ray starts workers at niceness 15; on one machine the learner then starves its own data source
             # whenever anything else is busy. Rollout workers are the learner's supply, not background work.
             os.environ.setdefault("RAY_worker_niceness", "0")
-            ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=True,
-                     object_store_memory=256 * 1024 * 1024, runtime_env={"env_vars": {"PYTHONPATH": path}})
+            # The dashboard is off unless asked for, and then serves on loopback only.
+            # address="local": always a fresh embedded cluster, never a leftover one that happens to run here.
+            ray.init(address="local", num_cpus=cpus, include_dashboard=self.cfg.dashboard, dashboard_host="127.0.0.1",
+                     log_to_driver=True, object_store_memory=256 * 1024 * 1024,
+                     runtime_env={"env_vars": {"PYTHONPATH": path}})
         self._started_ray = True
 
     def _worker_spec(self, i: int, task_slice: List[int]) -> WorkerSpec:

@@ -86,7 +86,7 @@ def main() -> int:
     suite = get_suite(a.suite)
     counts = [int(x) for x in a.workers.split(",")]
     cpus = max(os.cpu_count() or 1, max(counts))
-    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
     raw = raw_rate(suite, a.seconds)
     print(f"suite {suite.name} ({suite.num_tasks} tasks), {os.cpu_count()} cores, chunk {a.chunk}, "

@@ -1,0 +1,244 @@
+"""``moe``: MENTOR-style mixture of experts with task-oriented perturbation (Huang et al., ICML 2025,
+arXiv 2410.14972; code suninghuang19/mentor @ f4fa81f, ``moe.py``, ``utils.py::perturb``).
+
+Network (the MENTOR actor's MLP part, with the task one-hot on the input as in MT-SAC)::
+
+    [x, one_hot(t)] -> depth x (Linear(width) -> ReLU) -> MoE(width -> width) -> ReLU -> Linear(out)
+
+MoE layer: ``num_experts`` (16) experts, each Linear(width -> expert_hidden) -> ReLU -> Linear(-> width) with
+Xavier-uniform weights and zero biases; gate Linear(width -> gate_hidden) -> ReLU -> Dropout(gate_dropout)
+-> Linear(-> E). p = softmax(gate(h)); the top ``top_k`` (4) are kept and renormalised to sum to 1;
+y = Σ_{i∈top-k} p̂_i E_i(h). All experts run densely (as in the reference): no FLOP saving.
+MENTOR sizes at width 1024 are expert_hidden = gate_hidden = 256; the defaults keep that ratio (width // 4).
+
+Auxiliary loss (returned with ``return_aux=True``, added to every task's loss)::
+
+    aux = aux_scale * (balance_coef * E Σ_e f_e P̄_e  +  entropy_coef * mean_b H(p_b))
+
+* The entropy of the gate distribution is *minimised* (confident routing), as in MENTOR.
+* **Fix of the reference:** MENTOR's load term ``Var(load)`` builds the load from ``one_hot(top_k_indices)``, so
+  it has no gradient and never balances anything. Here the load term is the Switch-Transformer form: f_e, the
+  fraction of top-k slots given to expert e (no gradient), times P̄_e, the mean gate probability (differentiable),
+  so its gradient reaches the gate. It is 1 at perfect balance and E at total collapse.
+* ``aux_scale`` defaults to 0.002, MENTOR's ``aux_loss_scale`` config value (their code computes it but adds the
+  aux unscaled, i.e. scale 1 with λ_balance = λ_entropy = 1; pass ``aux_scale=1.0`` for that).
+
+Task-oriented perturbation (``after_step``, MENTOR §1.2 adapted to online multi-task SAC):
+
+* Performance signal: MENTOR ranks whole-agent snapshots by episode return; a backbone has no returns, so a
+  snapshot's score is −EMA(mean per-task loss of this backbone's own role), from ``ctx["info"]["losses"]``:
+  lower critic TD loss / lower actor loss (= higher soft Q) is better. Every ``snapshot_interval`` of this
+  module's updates a snapshot of the backbone's parameters is added to a top-``tp_set_size`` set (while not full
+  always; then replacing the worst if better).
+* Every ``perturb_interval`` updates: β = dormant ratio (DrM: units with mean |act| < 0.025 × layer mean) of this
+  backbone's hidden layers on the current batch; α = clip(1 − perturb_rate·β, min_perturb_factor,
+  max_perturb_factor); φ ~ N(μ, σ) element-wise from the snapshots' mean/std (σ ≥ 1e-7); θ ← α θ + (1 − α) φ.
+* Not done (outside a backbone's reach): the optimizer state reset and the encoder shrink-perturb of MENTOR.
+  Snapshots live in memory and are not checkpointed.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, List, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ._common import (Backbone, check_bool, check_float, check_int, dormant_ratio, entropy, parse_options,
+                      task_one_hot, topk_renorm)
+from .registry import register
+
+
+class ExpertBank(nn.Module):
+    """E two-layer MLP experts as batched weights: (B, in) -> (E, B, out), all experts computed densely."""
+
+    def __init__(self, num_experts: int, in_dim: int, hidden: int, out_dim: int, act: str = "relu",
+                 init: str = "xavier", dropout: float = 0.0) -> None:
+        super().__init__()
+        self.w1 = nn.Parameter(torch.empty(num_experts, in_dim, hidden))
+        self.b1 = nn.Parameter(torch.zeros(num_experts, 1, hidden))
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden, out_dim))
+        self.b2 = nn.Parameter(torch.zeros(num_experts, 1, out_dim))
+        self.act = act
+        self.dropout = dropout
+        with torch.no_grad():
+            for w in (self.w1, self.w2):
+                if init == "xavier":
+                    bound = math.sqrt(6.0 / (w.shape[1] + w.shape[2]))
+                    w.uniform_(-bound, bound)
+                else:  # PyTorch Linear default
+                    bound = 1.0 / math.sqrt(w.shape[1])
+                    w.uniform_(-bound, bound)
+            if init != "xavier":
+                self.b1.uniform_(-1.0 / math.sqrt(in_dim), 1.0 / math.sqrt(in_dim))
+                self.b2.uniform_(-1.0 / math.sqrt(hidden), 1.0 / math.sqrt(hidden))
+
+    def hidden(self, x: Tensor) -> Tensor:
+        h = torch.einsum("bi,eih->ebh", x, self.w1) + self.b1
+        return F.relu(h) if self.act == "relu" else F.leaky_relu(h)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.hidden(x)
+        if self.dropout > 0:
+            h = F.dropout(h, self.dropout, self.training)
+        return torch.einsum("ebh,eho->ebo", h, self.w2) + self.b2
+
+
+def mix(weights: Tensor, expert_out: Tensor) -> Tensor:
+    """Σ_e weights[b, e] · expert_out[e, b, :]."""
+    return torch.einsum("be,ebo->bo", weights, expert_out)
+
+
+@register("moe")
+class MentorMoE(Backbone):
+    has_aux_loss = True
+    DEFAULTS: Dict[str, Any] = dict(width=400, depth=1, num_experts=16, top_k=4, expert_hidden=None,
+                                    gate_hidden=None, gate_dropout=0.1, aux_scale=0.002, balance_coef=1.0,
+                                    entropy_coef=1.0, perturb=True, perturb_interval=50_000,
+                                    snapshot_interval=500, tp_set_size=10, perturb_rate=2.0,
+                                    min_perturb_factor=0.2, max_perturb_factor=0.95, loss_ema=0.99)
+
+    def __init__(self, in_dim: int, out_dim: int, num_tasks: int, **options: Any) -> None:
+        super().__init__(in_dim, out_dim, num_tasks)
+        o = parse_options("moe", options, self.DEFAULTS)
+        width, depth = check_int("moe", "width", o["width"]), check_int("moe", "depth", o["depth"])
+        E = check_int("moe", "num_experts", o["num_experts"])
+        k = check_int("moe", "top_k", o["top_k"])
+        if k > E:
+            raise ValueError(f"backbone 'moe': top_k={k} must be <= num_experts={E}")
+        eh = check_int("moe", "expert_hidden", o["expert_hidden"] or max(1, width // 4))
+        gh = check_int("moe", "gate_hidden", o["gate_hidden"] or max(1, width // 4))
+        self.gate_dropout = check_float("moe", "gate_dropout", o["gate_dropout"], 0.0, 0.999)
+        for key in ("aux_scale", "balance_coef", "entropy_coef", "perturb_rate"):
+            o[key] = check_float("moe", key, o[key])
+        for key in ("perturb_interval", "snapshot_interval", "tp_set_size"):
+            o[key] = check_int("moe", key, o[key])
+        o["min_perturb_factor"] = check_float("moe", "min_perturb_factor", o["min_perturb_factor"], 0.0, 1.0)
+        o["max_perturb_factor"] = check_float("moe", "max_perturb_factor", o["max_perturb_factor"], 0.0, 1.0)
+        o["loss_ema"] = check_float("moe", "loss_ema", o["loss_ema"], 0.0, 0.999999)
+        check_bool("moe", "perturb", o["perturb"])
+        self.opt = o
+        self.num_experts, self.top_k = E, k
+        layers: List[nn.Module] = []
+        d = in_dim + num_tasks
+        for _ in range(depth):
+            layers += [nn.Linear(d, width), nn.ReLU()]
+            d = width
+        self.trunk = nn.Sequential(*layers)
+        self.experts = ExpertBank(E, width, eh, width, init="xavier")
+        self.gate = nn.Sequential(nn.Linear(width, gh), nn.ReLU(), nn.Dropout(self.gate_dropout), nn.Linear(gh, E))
+        self.head = nn.Linear(width, out_dim)
+        # perturbation state (host-side, not checkpointed)
+        self._snapshots: List[Tuple[float, Dict[str, Tensor]]] = []
+        self._loss_ema: float = math.nan
+        self._steps = 0
+        self.n_perturbations = 0
+        self.last_alpha = math.nan
+        self.last_dormant = math.nan
+
+    # -- forward -----------------------------------------------------------------------------------------------
+    def _route(self, h: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        probs = torch.softmax(self.gate(h), dim=-1)
+        weights, idx = topk_renorm(probs, self.top_k)
+        return probs, weights, idx
+
+    def forward(self, x: Tensor, task_id: Tensor, return_aux: bool = False):
+        h = self.trunk(torch.cat([x, task_one_hot(task_id, self.num_tasks, x.shape[0], x.dtype)], dim=-1))
+        probs, weights, idx = self._route(h)
+        out = self.head(F.relu(mix(weights, self.experts(h))))
+        if not return_aux:
+            return out
+        return out, self.aux_loss(probs, idx)
+
+    def aux_loss(self, probs: Tensor, idx: Tensor) -> Tensor:
+        E = self.num_experts
+        with torch.no_grad():
+            f = torch.zeros_like(probs).scatter(-1, idx, 1.0).mean(0) / self.top_k  # share of top-k slots
+        balance = E * (f * probs.mean(0)).sum()
+        ent = entropy(probs).mean()
+        return self.opt["aux_scale"] * (self.opt["balance_coef"] * balance + self.opt["entropy_coef"] * ent)
+
+    def hidden_activations(self, x: Tensor, task_id: Tensor) -> List[Tensor]:
+        acts: List[Tensor] = []
+        h = torch.cat([x, task_one_hot(task_id, self.num_tasks, x.shape[0], x.dtype)], dim=-1)
+        for m in self.trunk:
+            h = m(h)
+            if isinstance(m, nn.ReLU):
+                acts.append(h)
+        _, weights, _ = self._route(h)
+        eh = self.experts.hidden(h)  # (E, B, H)
+        acts += [eh[e] for e in range(eh.shape[0])]
+        acts.append(F.relu(mix(weights, self.experts(h))))
+        return acts
+
+    # -- MENTOR task-oriented perturbation ---------------------------------------------------------------------
+    def after_step(self, ctx: Dict[str, Any]) -> bool:
+        super().after_step(ctx)
+        if not self.opt["perturb"]:
+            return False
+        self._steps += 1
+        losses = (ctx.get("info") or {}).get("losses")
+        if losses is not None:
+            cur = float(torch.as_tensor(losses).detach().float().mean())
+            if math.isfinite(cur):
+                b = self.opt["loss_ema"]
+                self._loss_ema = cur if math.isnan(self._loss_ema) else b * self._loss_ema + (1 - b) * cur
+        if self._steps % self.opt["snapshot_interval"] == 0 and math.isfinite(self._loss_ema):
+            self.add_snapshot(-self._loss_ema)
+        if self._steps % self.opt["perturb_interval"] == 0 and self._snapshots:
+            self.perturb()
+        return False
+
+    @torch.no_grad()
+    def add_snapshot(self, score: float) -> bool:
+        """Keep the top-``tp_set_size`` snapshots by score (higher is better)."""
+        snap = {n: p.detach().clone() for n, p in self.named_parameters()}
+        if len(self._snapshots) < self.opt["tp_set_size"]:
+            self._snapshots.append((score, snap))
+            return True
+        worst = min(range(len(self._snapshots)), key=lambda i: self._snapshots[i][0])
+        if score > self._snapshots[worst][0]:
+            self._snapshots[worst] = (score, snap)
+            return True
+        return False
+
+    @torch.no_grad()
+    def perturb(self) -> float:
+        """θ ← α θ + (1 − α) φ, φ ~ N(mean, std of the snapshot set). Returns α."""
+        beta = 0.0
+        if self._last is not None:
+            beta = dormant_ratio(self.hidden_activations(*self._last))
+        o = self.opt
+        alpha = min(max(1.0 - o["perturb_rate"] * beta, o["min_perturb_factor"]), o["max_perturb_factor"])
+        for n, p in self.named_parameters():
+            stack = torch.stack([s[n] for _, s in self._snapshots])
+            mu, sd = stack.mean(0), stack.std(0, unbiased=False).clamp_min(1e-7)
+            phi = mu + sd * torch.randn_like(mu)
+            p.mul_(alpha).add_(phi, alpha=1.0 - alpha)
+        self.n_perturbations += 1
+        self.last_alpha, self.last_dormant = alpha, beta
+        return alpha
+
+    # -- diagnostics -------------------------------------------------------------------------------------------
+    def _diagnostics(self, x: Tensor, task_id: Tensor) -> Dict[str, Any]:
+        h = self.trunk(torch.cat([x, task_one_hot(task_id, self.num_tasks, x.shape[0], x.dtype)], dim=-1))
+        probs, weights, idx = self._route(h)
+        slots = torch.zeros_like(probs).scatter(-1, idx, 1.0)
+        load = slots.mean(0) / self.top_k
+        return {
+            "expert_load": load,                                         # (E,) share of top-k slots
+            "expert_load_cv": cv(load),
+            "gate_entropy": self.per_task_mean(entropy(probs), task_id),  # (T,) mean H(softmax gate)
+            "expert_load_per_task": torch.stack([self.per_task_mean(slots[:, e], task_id)
+                                                 for e in range(self.num_experts)], 1) / self.top_k,  # (T, E)
+            "dormant_ratio": dormant_ratio(self.hidden_activations(x, task_id)),
+            "snapshots": len(self._snapshots),
+            "perturbations": self.n_perturbations,
+            "last_perturb_alpha": self.last_alpha,
+        }
+
+
+def cv(x: Tensor) -> Tensor:
+    return x.std(unbiased=False) / x.mean().clamp_min(1e-12)
