@@ -72,11 +72,11 @@ class Config:
     chunk_steps: int = 50  # env steps per task per worker call
     max_lag_steps: int = 0  # env steps collected ahead of the update-to-data ratio; 0 = auto (2 rounds)
     progress: bool = True
-    save_replay: bool = False
+    save_replay: bool = False  # store the replay buffer in checkpoints (exact resume; large)
     dashboard: bool = False  # start the Ray dashboard (bound to 127.0.0.1) with the embedded local Ray
     max_worker_restarts: int = 3  # consecutive failures of one worker before the run stops (with a checkpoint)
     fault_inject: str = ""  # testing knob: "reset:<task>" (env raises on every reset) or "nan_reward:<task>"
-    nan_policy: str = "stop"  # a non-finite loss: "stop" the run (exit 1, last good checkpoint kept) or "skip" it  # store the replay buffer in checkpoints (exact resume; large)
+    nan_policy: str = "stop"  # a non-finite loss: "stop" the run (exit 1, last good checkpoint kept) or "skip" it
     sac: SACConfig = field(default_factory=SACConfig)
 
 
@@ -196,7 +196,10 @@ def method_preset(name: str) -> Optional[Path]:
 
 
 def validate(cfg: Config) -> None:
-    """Checks that need no heavy imports; names of suites/methods/backbones are checked by their registries."""
+    """Check every setting (names against their registries, options by building the method and backbone once).
+
+    Fills in derived settings: ``backbone_kwargs.tasks`` for backbones that embed task names (care).
+    """
     from envs import get_suite
     from mtrl.gradients import available_methods
     from mtrl.nets import available_backbones
@@ -258,6 +261,12 @@ def validate(cfg: Config) -> None:
             get_method(cfg.method, suite.num_tasks, **cfg.method_kwargs)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"method {cfg.method!r}: {str(e).splitlines()[0]}") from None
+    from mtrl.nets.registry import BACKBONES
+
+    if getattr(BACKBONES.get(cfg.backbone), "needs_task_names", False) and \
+            not {"tasks", "suite"} & set(cfg.backbone_kwargs):
+        # Derived setting, stored in config.yaml: a custom 10-task list must not be mistaken for MT10's order.
+        cfg.backbone_kwargs["tasks"] = suite.task_names
     try:
         build_backbone(cfg.backbone, 4, 2, suite.num_tasks, **cfg.backbone_kwargs)
     except (TypeError, ValueError) as e:

@@ -23,8 +23,11 @@ class Registry:
     def names(self) -> List[str]:
         return sorted(self._classes)
 
-    def build(self, name: str, *args: Any, **kwargs: Any) -> Any:
-        """Instantiate ``name``; an unknown name raises ValueError listing the valid ones."""
+    def get(self, name: str) -> type:
         if name not in self._classes:
             raise ValueError(f"unknown {self.kind} {name!r}; valid: {', '.join(self.names())}")
-        return self._classes[name](*args, **kwargs)
+        return self._classes[name]
+
+    def build(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        """Instantiate ``name``; an unknown name raises ValueError listing the valid ones."""
+        return self.get(name)(*args, **kwargs)

@@ -344,6 +344,7 @@ class Trainer:
             self._log_train(info)
         if self.updates % cfg.log_grad_every == 0:
             self._log_grad(info)
+            self._log_backbones()
 
     # --- logging --------------------------------------------------------------------------------------------
     def _log_train(self, info: Dict[str, Any]) -> None:
@@ -397,6 +398,28 @@ class Trainer:
             lg.image(f"grad/{name}/cosine", cosine_image(cos), step)
             if diag.get("weights") is not None:
                 lg.per_task("grad", f"{name}_weight", diag["weights"].detach().cpu().numpy(), step)
+
+    def _log_backbones(self) -> None:
+        """What each backbone has inside (expert load, gate entropy, mask density/overlap, Gram check...)."""
+        lg, step, T = self.logger, self.env_steps, self.T
+        assert lg is not None
+        for role, module in (("actor", self.agent.actor), ("critic", self.agent.critic)):
+            for mname, m in module.named_modules():
+                if m is module or not callable(getattr(m, "diagnostics", None)):
+                    continue
+                prefix = f"backbone/{role}.{mname}" if mname else f"backbone/{role}"
+                for key, value in m.diagnostics().items():
+                    v = np.asarray(value, dtype=float)
+                    if v.ndim == 0:
+                        lg.scalar(f"{prefix}/{key}", float(v), step)
+                    elif v.ndim == 1 and len(v) == T:
+                        for task, x in zip(self.suite.task_names, v):
+                            lg.scalar(f"{prefix}/{key}/{task}", float(x), step)
+                    elif v.ndim == 1 and len(v) <= 64:  # e.g. expert load (E,)
+                        for j, x in enumerate(v):
+                            lg.scalar(f"{prefix}/{key}/{j}", float(x), step)
+                    elif v.ndim == 2 and v.shape[0] == T:  # task x task overlap, task x expert load
+                        lg.image(f"{prefix}/{key}", cosine_image(v / max(1e-12, float(np.abs(v).max()))), step)
 
     # --- evaluation and checkpoints -------------------------------------------------------------------------
     def evaluate(self, final: bool) -> Dict[str, Any]:

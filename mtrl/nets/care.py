@@ -69,6 +69,7 @@ def resolve_tasks(num_tasks: int, tasks: Any, suite: Optional[str]) -> List[str]
 
 @register("care")
 class CARE(Backbone):
+    needs_task_names = True  # config.validate fills backbone_kwargs.tasks with the suite's task names
     DEFAULTS: Dict[str, Any] = dict(width=400, depth=3, n_encoders=None, encoder_dim=50, context_dim=50,
                                     temperature=1.0, tasks=None, suite=None, embeddings=None)
 
