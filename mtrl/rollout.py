@@ -199,13 +199,15 @@ class WorkerPool:
     worker for the same tasks. The pool never retries on its own: the runner decides (and bounds) restarts.
     """
 
-    def __init__(self, specs: Sequence[WorkerSpec], use_ray: bool, worker_cpus: float = 1.0) -> None:
+    def __init__(self, specs: Sequence[WorkerSpec], use_ray: bool, worker_cpus: float = 1.0,
+                 worker_cls: type = None) -> None:  # type: ignore[assignment]
         self.use_ray = use_ray
         self.specs = list(specs)
+        self.worker_cls = worker_cls or RolloutWorker  # a subclass adds collection modes (e.g. on-policy rounds)
         if use_ray:
             import ray
 
-            self._cls = ray.remote(num_cpus=worker_cpus)(RolloutWorker)
+            self._cls = ray.remote(num_cpus=worker_cpus)(self.worker_cls)
         self.workers = [self._spawn(s) for s in self.specs]
         self.pending: Dict[int, Any] = {}  # worker index -> in-flight collect
         self._weights: Any = None  # the last broadcast, for replacements
@@ -214,7 +216,7 @@ class WorkerPool:
         if self.use_ray:
             return self._cls.remote(spec)  # a constructor error surfaces on the first call
         try:
-            return RolloutWorker(spec)
+            return self.worker_cls(spec)
         except Exception as e:
             return _Broken(e)
 
@@ -243,8 +245,8 @@ class WorkerPool:
     def pids(self) -> List[int]:
         return [self._get(self._call(i, "ping")) for i in range(len(self.workers))]
 
-    def submit_collect(self, i: int, n_steps: int) -> None:
-        self.pending[i] = self._call(i, "collect", n_steps)
+    def submit_collect(self, i: int, n_steps: int, method: str = "collect") -> None:
+        self.pending[i] = self._call(i, method, n_steps)
 
     def idle(self) -> List[int]:
         return [i for i in range(len(self.workers)) if i not in self.pending]
