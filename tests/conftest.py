@@ -9,6 +9,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("MUJOCO_GL", "disable")
+os.environ.setdefault("RAY_worker_niceness", "0")  # as mtrl.runner: workers are the learner's supply
 
 # Tiny but real budgets: real Meta-World/DMC envs, small networks, few updates.
 TINY = ["--set", "sac.learning_starts=20", "--set", "sac.batch_size=16", "--set", "backbone_kwargs.width=32",
