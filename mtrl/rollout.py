@@ -88,6 +88,36 @@ class RolloutWorker:
         except Exception as e:  # name the task: "the env of push-v3 raised ..." beats a bare MuJoCo trace
             raise EnvError(f"env of task {self.names[i]!r} raised {type(e).__name__} in {method}: {e}") from e
 
+    def get_state(self) -> Dict[str, Any]:
+        """Everything that decides this worker's future transitions (envs mid-episode, RNGs, policy, counters), as
+        plain values for a ``weights_only`` checkpoint. Used for exact resume of the in-process worker."""
+        import json
+
+        from envs.snapshot import get_env_state
+
+        return {"envs": [get_env_state(e) for e in self.envs], "obs": torch.from_numpy(self.obs.copy()),
+                "steps": torch.from_numpy(self.steps.copy()), "ep_ret": torch.from_numpy(self.ep_ret.copy()),
+                "ep_len": torch.from_numpy(self.ep_len.copy()),
+                "ep_success": torch.from_numpy(self.ep_success.copy()),
+                "rng": json.dumps(self.rng.bit_generator.state), "gen": self.gen.get_state(),
+                "policy": self.policy.state_dict()}
+
+    def set_state(self, state: Dict[str, Any]) -> None:
+        import json
+
+        from envs.snapshot import set_env_state
+
+        for env, st in zip(self.envs, state["envs"]):
+            set_env_state(env, st)
+        self.obs = state["obs"].numpy().copy()
+        self.steps = state["steps"].numpy().copy()
+        self.ep_ret = state["ep_ret"].numpy().copy()
+        self.ep_len = state["ep_len"].numpy().copy()
+        self.ep_success = state["ep_success"].numpy().copy()
+        self.rng.bit_generator.state = json.loads(state["rng"])
+        self.gen.set_state(state["gen"])
+        self.policy.load_state_dict(state["policy"])
+
     def ping(self) -> int:
         return os.getpid()
 

@@ -31,7 +31,7 @@ from .config import Config, to_dict
 from .evaluation import summarize
 from .logging import Logger, Progress, cosine_image, git_commit, versions
 from .replay import MultiTaskReplay
-from .rollout import WorkerError, WorkerPool, WorkerSpec, split_tasks
+from .rollout import RolloutWorker, WorkerError, WorkerPool, WorkerSpec, split_tasks
 
 
 class NonFiniteError(RuntimeError):
@@ -78,6 +78,8 @@ def _write_json(path: Path, data: Any) -> None:
 
 
 class Trainer:
+    worker_cls: type = RolloutWorker  # issue 5: the on-policy trainer (mtrl/onpolicy.py) uses its own worker class
+
     def __init__(self, cfg: Config, run_dir: Path, resume: Optional[Dict[str, Any]] = None) -> None:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
@@ -88,13 +90,8 @@ class Trainer:
         ss = np.random.SeedSequence(cfg.seed)
         torch_seq, replay_seq, worker_seq, agent_seq = ss.spawn(4)
         torch.manual_seed(int(torch_seq.generate_state(1)[0]))
-        self.agent = MTSAC(self.suite.obs_dim, self.suite.act_dim, T, self.suite.action_mask, cfg.sac,
-                           backbone=cfg.backbone, backbone_kwargs=cfg.backbone_kwargs, method=cfg.method,
-                           method_kwargs=cfg.method_kwargs, actor_method=cfg.actor_method or None,
-                           device=self.device,
-                           seed=int(agent_seq.generate_state(1)[0]))
-        self.replay = MultiTaskReplay(T, cfg.sac.buffer_size // T, self.suite.obs_dim, self.suite.act_dim,
-                                      seed=int(replay_seq.generate_state(1)[0]))
+        self.agent, self.replay = self._build_learner(int(agent_seq.generate_state(1)[0]),
+                                                      int(replay_seq.generate_state(1)[0]))
         self.env_steps = 0
         self.updates = 0
         self.task_steps = np.zeros(T, dtype=np.int64)
@@ -105,6 +102,7 @@ class Trainer:
         self.next_ckpt = cfg.checkpoint_every if cfg.checkpoint_every > 0 else math.inf
         self.worker_restarts = 0
         self.nan_skipped = 0
+        self._worker_state: Optional[Dict[str, Any]] = None
         if resume is not None:
             self._restore(resume)
         self.worker_seq = worker_seq
@@ -116,6 +114,17 @@ class Trainer:
         self._started_ray = False
 
     # --- set-up ---------------------------------------------------------------------------------------------
+    def _build_learner(self, agent_seed: int, replay_seed: int):
+        """(agent, replay) of this trainer; the on-policy trainer (issue 5) builds MTPPO and no replay."""
+        cfg, T = self.cfg, self.T
+        agent = MTSAC(self.suite.obs_dim, self.suite.act_dim, T, self.suite.action_mask, cfg.sac,
+                      backbone=cfg.backbone, backbone_kwargs=cfg.backbone_kwargs, method=cfg.method,
+                      method_kwargs=cfg.method_kwargs, actor_method=cfg.actor_method or None,
+                      device=self.device, seed=agent_seed)
+        replay = MultiTaskReplay(T, cfg.sac.buffer_size // T, self.suite.obs_dim, self.suite.act_dim,
+                                 seed=replay_seed)
+        return agent, replay
+
     def _restore(self, payload: Dict[str, Any]) -> None:
         self.agent.load_state_dict(payload["agent"])
         c = payload["counters"]
@@ -129,6 +138,8 @@ class Trainer:
         self.history = json.loads(payload["history"])
         if "replay" in payload:
             self.replay.load_state_dict(payload["replay"])
+        if "worker_state" in payload and self.cfg.workers == 0:
+            self._worker_state = payload["worker_state"]  # applied once the in-process worker exists
         if "replay_rng" in payload:
             self.replay.rng.bit_generator.state = json.loads(payload["replay_rng"])
         torch.set_rng_state(payload["torch_rng"])
@@ -180,7 +191,7 @@ class Trainer:
         self.failures_in_a_row = [0] * len(specs)
         if cfg.workers > 0:
             self._start_ray()
-        return WorkerPool(specs, use_ray=cfg.workers > 0, worker_cpus=cfg.worker_cpus)
+        return WorkerPool(specs, use_ray=cfg.workers > 0, worker_cpus=cfg.worker_cpus, worker_cls=self.worker_cls)
 
     def _worker_failed(self, i: int, error: str) -> None:
         """Replace worker ``i`` (its delivered episodes are kept; its partial episodes are lost with it), or stop
@@ -236,6 +247,9 @@ class Trainer:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) - busy))
         self.pool = self._make_pool()
         self.pool.broadcast(self.agent.policy_state())
+        if self._worker_state is not None:
+            self.pool.workers[0].set_state(self._worker_state)  # exact resume: envs mid-episode, RNGs, policy
+            self._worker_state = None
         self._t_log = (time.time(), self.env_steps, self.updates)
 
     def close(self) -> None:
@@ -301,11 +315,23 @@ class Trainer:
                 self._update()
             if self.env_steps >= self.next_eval and self.env_steps < total_steps:
                 self.evaluate(final=False)
-                self.next_eval = (self.env_steps // cfg.eval_every + 1) * cfg.eval_every
             if self.env_steps >= self.next_ckpt and self.env_steps < total_steps:
+                self._catch_up()
                 self.save_checkpoint()
-                self.next_ckpt = (self.env_steps // cfg.checkpoint_every + 1) * cfg.checkpoint_every
         pool.discard_pending()
+
+    @staticmethod
+    def _next(steps: int, every: int) -> float:
+        return (steps // every + 1) * every if every > 0 else math.inf
+
+    def _catch_up(self) -> None:
+        """Do the updates the data already owes, then sync weights to the workers. A checkpoint is taken only at
+        such a point — and a resumed run starts from one (all owed updates done, workers holding the current
+        policy) — so with the in-process worker a resumed run continues exactly as an uninterrupted one."""
+        while self.target_updates() > self.updates and self.replay.can_sample(self.cfg.sac.batch_size):
+            self._update()
+        assert self.pool is not None
+        self.pool.broadcast(self.agent.policy_state())
 
     def _ingest(self, result: Dict[str, Any]) -> int:
         for k, t in enumerate(result["task_indices"]):
@@ -363,6 +389,12 @@ class Trainer:
         lg.scalar("train/alpha", alpha.mean(), step)
         lg.per_task("train", "alpha", alpha, step)
         lg.scalar("train/n_updates", self.updates, step)
+        self._log_rollout_and_time(step)
+
+    def _log_rollout_and_time(self, step: int) -> None:
+        """rollout/* (last 10 episodes per task), time/*, workers/restarts; shared with the on-policy trainer."""
+        lg = self.logger
+        assert lg is not None
         rets = [r for d in self.recent_ret for r in d]
         if rets:
             lg.scalar("rollout/ep_rew_mean", float(np.mean(rets)), step)
@@ -375,7 +407,8 @@ class Trainer:
         dt = max(now - t_prev, 1e-9)
         lg.scalar("time/fps", (self.env_steps - s_prev) / dt, step)
         lg.scalar("time/updates_per_s", (self.updates - u_prev) / dt, step)
-        lg.scalar("time/replay_size", len(self.replay), step)
+        if self.replay is not None:
+            lg.scalar("time/replay_size", len(self.replay), step)
         lg.scalar("workers/restarts", self.worker_restarts, step)
         self._t_log = (now, self.env_steps, self.updates)
 
@@ -444,25 +477,36 @@ class Trainer:
             lg.scalar(f"eval/{task}/return", v["return"], step)
         lg.flush()
         self.history.append(res)
+        # Advanced here, not by the caller: an evaluation at the end of a run schedules the next one exactly as a
+        # mid-run evaluation would, so a resumed run keeps the uninterrupted run's schedule.
+        self.next_eval = self._next(self.env_steps, self.cfg.eval_every)
         _write_json(self.run_dir / "results.json", {
             "final": res if final else None, "history": self.history, "protocol": protocol(self.suite, self.cfg),
             "config": to_dict(self.cfg)})
         return res
 
     def save_checkpoint(self) -> None:
+        self.next_ckpt = self._next(self.env_steps, self.cfg.checkpoint_every)
         payload: Dict[str, Any] = {
             "agent": self.agent.state_dict(),
             "counters": {"env_steps": self.env_steps, "updates": self.updates, "episodes": self.episodes,
-                         "worker_restarts": self.worker_restarts,
-                         "nan_skipped": self.nan_skipped, "resumes": self.resumes, "next_eval": float(self.next_eval), "next_ckpt": float(self.next_ckpt)},
+                         "worker_restarts": self.worker_restarts, "nan_skipped": self.nan_skipped,
+                         "resumes": self.resumes, "next_eval": float(self.next_eval),
+                         "next_ckpt": float(self.next_ckpt)},
             "task_steps": torch.from_numpy(self.task_steps.copy()),
             "history": json.dumps(self.history, default=float),
             "config": yaml.safe_dump(to_dict(self.cfg), sort_keys=False),
             "torch_rng": torch.get_rng_state(),
-            "replay_rng": json.dumps(self.replay.rng.bit_generator.state),
         }
+        if self.replay is not None:
+            payload["replay_rng"] = json.dumps(self.replay.rng.bit_generator.state)
         if self.cfg.save_replay:
             payload["replay"] = self.replay.state_dict()
+            if self.cfg.workers == 0 and self.pool is not None and self.pool.workers:
+                try:
+                    payload["worker_state"] = self.pool.workers[0].get_state()
+                except Exception:  # a broken worker has no state worth keeping; resume rebuilds it
+                    pass
         checkpoint.save(self.run_dir / checkpoint.CKPT_NAME, payload)
 
 

@@ -93,3 +93,23 @@ def test_kill_9_the_trainer_after_a_checkpoint_then_resume_completes(tmp_path):
     assert train.main(["--resume", str(run), "--total-steps", "1800", "--workers", "0", "--no-progress"]) == 0
     res = json.loads((run / "results.json").read_text())["final"]
     assert res["env_steps"] >= 1800
+
+
+def test_interrupted_and_resumed_run_is_bit_identical_with_in_process_worker(tmp_path):
+    import torch
+
+    from mtrl import checkpoint
+
+    common = ["--tasks", "reach-v3,push-v3", "--workers", "0", "--eval-every", "0", "--checkpoint-every", "1200",
+              "--set", "save_replay=true", *TINY]
+    assert train.main(common + ["--total-steps", "2400", "--run-dir", str(tmp_path / "a")]) == 0
+    assert train.main(common + ["--total-steps", "1200", "--run-dir", str(tmp_path / "b")]) == 0
+    assert train.main(["--resume", str(tmp_path / "b"), "--total-steps", "2400", "--no-progress"]) == 0
+    a, b = checkpoint.load(tmp_path / "a"), checkpoint.load(tmp_path / "b")
+    assert a["counters"]["env_steps"] == b["counters"]["env_steps"] == 2400
+    assert a["counters"]["updates"] == b["counters"]["updates"] > 0
+    for net in ("actor", "critic", "critic_target"):
+        for k, v in a["agent"][net].items():
+            assert torch.equal(v, b["agent"][net][k]), (net, k)
+    assert torch.equal(a["agent"]["log_alpha"], b["agent"]["log_alpha"])
+    assert torch.equal(a["replay"]["obs"], b["replay"]["obs"])  # the same data was collected after the resume
