@@ -113,3 +113,39 @@ def test_interrupted_and_resumed_run_is_bit_identical_with_in_process_worker(tmp
             assert torch.equal(v, b["agent"][net][k]), (net, k)
     assert torch.equal(a["agent"]["log_alpha"], b["agent"]["log_alpha"])
     assert torch.equal(a["replay"]["obs"], b["replay"]["obs"])  # the same data was collected after the resume
+
+
+@pytest.mark.ray
+def test_two_node_loopback_cluster_run_completes(tmp_path):
+    """Two `ray start` processes on 127.0.0.1 (head + worker node, 1 CPU each); `--address` joins them and the two
+    1-CPU rollout workers can only be placed one per node."""
+    import shutil
+    import socket
+    import tempfile
+
+    ray_bin = shutil.which("ray") or str(Path(sys.executable).parent / "ray")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    temp_dir = tempfile.mkdtemp(prefix="rc", dir="/tmp")  # short: Ray's socket paths live under it
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_worker_niceness": "0", "PYTHONPATH": str(ROOT)}
+    common = ["--node-ip-address=127.0.0.1", "--num-cpus=1", "--disable-usage-stats"]
+    try:
+        subprocess.run([ray_bin, "start", "--head", f"--port={port}", "--include-dashboard=false",
+                        f"--temp-dir={temp_dir}", *common], env=env, check=True, capture_output=True, timeout=120)
+        subprocess.run([ray_bin, "start", f"--address=127.0.0.1:{port}", *common], env=env, check=True,
+                       capture_output=True, timeout=120)
+        run = tmp_path / "run"
+        p = subprocess.run([sys.executable, str(ROOT / "scripts/train.py"), "--suite", "mt10", "--total-steps", "800",
+                            "--workers", "2", "--worker-cpus", "1", "--address", f"127.0.0.1:{port}",
+                            "--eval-every", "0", "--run-dir", str(run), *TINY],
+                           env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+        res = json.loads((run / "results.json").read_text())["final"]
+        assert res["env_steps"] >= 800 and sorted(res["per_task"]) == sorted(res["task_steps"])
+        assert (run / "workers" / "worker0.pid").is_file() and (run / "workers" / "worker1.pid").is_file()
+    finally:
+        # Only this cluster's processes: they all carry temp_dir (or its session dir) in their command lines.
+        subprocess.run(["pkill", "-9", "-f", temp_dir], check=False)
+        subprocess.run(["pkill", "-9", "-f", f"127.0.0.1:{port}"], check=False)
+        shutil.rmtree(temp_dir, ignore_errors=True)
