@@ -22,9 +22,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:
-        self.exit(2, f"{self.prog}: error: {message}\n")
+from mtrl.cli import OneLineParser  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -34,9 +34,7 @@ for p in (ROOT, ROOT / "scripts"):
         sys.path.insert(0, str(p))
 
 
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:
-        self.exit(2, f"{self.prog}: error: {message}\n")
+from mtrl.cli import OneLineParser  # noqa: E402
 
 
 def bad(message: str) -> int:

@@ -15,6 +15,18 @@ os.environ.setdefault("RAY_worker_niceness", "0")  # as mtrl.runner: workers are
 TINY = ["--set", "sac.learning_starts=20", "--set", "sac.batch_size=16", "--set", "backbone_kwargs.width=32",
         "--set", "backbone_kwargs.depth=2", "--set", "chunk_steps=20", "--eval-episodes", "1", "--no-progress"]
 
+MT10 = ["reach-v3", "push-v3", "pick-place-v3", "door-open-v3", "drawer-open-v3", "drawer-close-v3",
+        "button-press-topdown-v3", "peg-insert-side-v3", "window-open-v3", "window-close-v3"]
+
+
+def scalars(run_dir):
+    """Every scalar tag of a run's TensorBoard events: {tag: [values]}."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
 
 @pytest.fixture(scope="session")
 def ray_local():

@@ -6,15 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY
+from conftest import MT10, TINY
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 import evaluate  # noqa: E402
 import train  # noqa: E402
-
-MT10 = ["reach-v3", "push-v3", "pick-place-v3", "door-open-v3", "drawer-open-v3", "drawer-close-v3",
-        "button-press-topdown-v3", "peg-insert-side-v3", "window-open-v3", "window-close-v3"]
 
 
 def _scalars(run_dir):
