@@ -109,11 +109,13 @@ def has_aux_loss(module: nn.Module) -> bool:
 
 
 class NonFiniteLoss(RuntimeError):
-    """A per-task loss is NaN/inf; raised before the optimizer step, so the parameters stay finite."""
+    """A per-task loss (or the combined gradient) is NaN/inf; raised before the optimizer step, so the parameters
+    stay finite. ``task`` is the first bad task's index, or None for a gradient whose task is not known."""
 
-    def __init__(self, loss: str, task: int) -> None:
-        super().__init__(f"non-finite {loss} loss for task index {task}")
-        self.loss, self.task = loss, task
+    def __init__(self, loss: str, task: Optional[int], kind: str = "loss") -> None:
+        where = f"task index {task}" if task is not None else "the combined update"
+        super().__init__(f"non-finite {loss} {kind} for {where}")
+        self.loss, self.task, self.kind = loss, task, kind
 
 
 def _check_finite(name: str, losses: Tensor) -> None:
@@ -251,6 +253,9 @@ class MTSAC:
                                                                                False) else {}
         info = method.backward(loss_fn, dict(module.named_parameters()), batch, self.task_ids, **kwargs)
         _check_finite(name, info["losses"])
+        grads = [p.grad for p in module.parameters() if p.grad is not None]
+        if grads and not bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()):
+            raise NonFiniteLoss(name, None, kind="gradient")  # finite losses, yet a non-finite combined gradient
         if self.cfg.max_grad_norm > 0:
             nn.utils.clip_grad_norm_(module.parameters(), self.cfg.max_grad_norm)
         opt.step()

@@ -148,3 +148,21 @@ def test_nan_reward_stops_before_the_step_and_names_the_task():
         ag.update(b)
     for k, v in ag.critic.state_dict().items():  # the optimizer never stepped
         assert torch.equal(before[k], v)
+
+
+def test_non_finite_gradient_with_finite_losses_stops_before_the_step():
+    from agents.sac import NonFiniteLoss
+
+    ag = _agent(T=2)
+    b = _batch(2, 4)
+    with torch.no_grad():  # tiny first layer, huge last layer: Q ~ 1e17 (loss ~ 1e34, finite), dL/dW1 overflows
+        w = list(ag.critic.q1.parameters())
+        w[0].mul_(1e-4)
+        w[1].zero_()
+        w[-2].fill_(1e21)
+    before = {k: v.clone() for k, v in ag.critic.state_dict().items()}
+    with pytest.raises(NonFiniteLoss) as e:
+        ag.update(b)
+    assert (e.value.loss, e.value.kind, e.value.task) == ("critic", "gradient", None)
+    for k, v in ag.critic.state_dict().items():
+        assert torch.equal(before[k], v)
