@@ -3,6 +3,7 @@
 
     python scripts/bench_rollout.py --suite mt10 --workers 1,2 --seconds 20
 
+With --learner it also runs the real training loop and prints the learner's updates/s while collecting.
 For each worker count N it prints transitions/s delivered to the learner's process and the ratio to N x the raw
 single-core rate (goal: >= 0.85 per core used). Workers run the real policy (3x400 MLP, batch = their envs) unless
 --random-actions; the raw loop steps a ``gymnasium.vector.SyncVectorEnv`` of the same envs with random actions.
@@ -70,6 +71,29 @@ def ray_rate(suite, workers: int, seconds: float, chunk: int, random_actions: bo
     return rate
 
 
+def learner_rate(suite, workers: int, seconds: float):
+    """The real training loop (MT-SAC 3x400, batch 128/task) with ``workers`` Ray workers: updates/s and env
+    steps/s while collection overlaps the updates, after the random-action warm-up."""
+    import tempfile
+
+    from mtrl.config import Config
+    from mtrl.runner import Trainer
+
+    cfg = Config(suite=suite.name, workers=workers, eval_every=0, checkpoint_every=0, progress=False)
+    cfg.sac.learning_starts = 200
+    tr = Trainer(cfg, Path(tempfile.mkdtemp(prefix="bench_")))
+    tr.start()
+    try:
+        tr.run_until(tr.warm_steps + 2 * cfg.chunk_steps * suite.num_tasks)
+        t0, u0, s0 = time.perf_counter(), tr.updates, tr.env_steps
+        while time.perf_counter() - t0 < seconds:
+            tr.run_until(tr.env_steps + cfg.chunk_steps * suite.num_tasks)
+        dt = time.perf_counter() - t0
+        return (tr.updates - u0) / dt, (tr.env_steps - s0) / dt
+    finally:
+        tr.close()
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--suite", default="mt10")
@@ -77,6 +101,8 @@ def main() -> int:
     p.add_argument("--seconds", type=float, default=15.0, help="measurement time per configuration")
     p.add_argument("--chunk", type=int, default=50, help="env steps per task per worker call")
     p.add_argument("--random-actions", action="store_true", help="workers skip the policy forward")
+    p.add_argument("--learner", action="store_true", help="also run the real training loop: learner updates/s "
+                   "while collecting, per worker count")
     a = p.parse_args()
 
     import ray
@@ -95,6 +121,11 @@ def main() -> int:
     for n in counts:
         r = ray_rate(suite, n, a.seconds, a.chunk, a.random_actions)
         print(f"Ray workers={n}:                       {r:9.0f} steps/s   ratio per core = {r / (n * raw):.2f}")
+    if a.learner:
+        for n in counts:
+            ups, fps = learner_rate(suite, n, a.seconds)
+            print(f"training loop, workers={n}:            {ups:9.2f} updates/s, {fps:7.0f} env steps/s consumed "
+                  f"(updates_per_step 1: one update per {suite.num_tasks} env steps)")
     ray.shutdown()
     return 0
 
