@@ -44,6 +44,31 @@ class SACConfig:
 
 
 @dataclass
+class PPOConfig:
+    """Multi-task PPO (issue 5; Schulman et al. 2017). Defaults: Meta-World+ PPO baseline (McLean et al. 2025,
+    rainx0r/metaworld-algorithms) where it states them -- 10,000 env steps per task per round, 16 epochs,
+    GAE lambda 0.97 -- and SB3/CleanRL continuous-control values otherwise."""
+
+    rollout_steps: int = 10_000  # env steps PER TASK collected with the current policy each round
+    epochs: int = 16  # passes over each round's data
+    minibatches: int = 32  # per epoch; each minibatch holds rollout_steps / minibatches samples OF EVERY task
+    gamma: float = 0.99
+    gae_lambda: float = 0.97
+    clip: float = 0.2  # surrogate ratio clip epsilon
+    vf_clip: float = 0.0  # value clip around the old value (0 = off)
+    ent_coef: float = 0.0
+    vf_coef: float = 0.5  # scales the critic's per-task loss (separate network and optimizer; see agents/ppo.py)
+    lr: float = 3e-4  # actor and critic (Adam)
+    max_grad_norm: float = 0.5  # per network, after the method combined the task gradients; 0 = off
+    target_kl: float = 0.0  # stop the round's epochs once approx KL > 1.5 * target_kl (0 = off)
+    norm_obs: bool = True  # per-task running mean/std of observations, shipped to workers with the weights
+    norm_adv: bool = True  # per-task advantage normalisation over each round
+    log_std: str = "param"  # "param": state-independent per-task log-std; "state": a second output of the net
+    init_log_std: float = 0.0
+    obs_clip: float = 10.0  # normalised observations are clipped to +-obs_clip
+
+
+@dataclass
 class Config:
     suite: Optional[str] = None
     tasks: List[str] = field(default_factory=list)
@@ -73,14 +98,18 @@ class Config:
     max_lag_steps: int = 0  # env steps collected ahead of the update-to-data ratio; 0 = auto (2 rounds)
     progress: bool = True
     save_replay: bool = False  # store the replay buffer in checkpoints (exact resume; large)
+    # Where the learner runs: "driver" (this process), "actor" (a Ray actor; with num_gpus=1 when it wants CUDA),
+    # "auto" (an actor when --address joins a cluster with a GPU and the device is not cpu).
+    learner_placement: str = "auto"
     dashboard: bool = False  # start the Ray dashboard (bound to 127.0.0.1) with the embedded local Ray
     max_worker_restarts: int = 3  # consecutive failures of one worker before the run stops (with a checkpoint)
     fault_inject: str = ""  # testing knob: "reset:<task>" (env raises on every reset) or "nan_reward:<task>"
     nan_policy: str = "stop"  # a non-finite loss: "stop" the run (exit 1, last good checkpoint kept) or "skip" it
     sac: SACConfig = field(default_factory=SACConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)  # used when algo == "ppo" (issue 5)
 
 
-ALGOS = ("sac",)
+ALGOS = ("sac", "ppo")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -213,6 +242,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"unknown actor_method {cfg.actor_method!r}; valid: {', '.join(available_methods())}")
     if cfg.backbone not in available_backbones():
         raise ConfigError(f"unknown backbone {cfg.backbone!r}; valid: {', '.join(available_backbones())}")
+    if cfg.learner_placement not in ("auto", "driver", "actor"):
+        raise ConfigError(f"learner_placement={cfg.learner_placement!r}; valid: auto, driver, actor")
     if cfg.nan_policy not in ("stop", "skip"):
         raise ConfigError(f"nan_policy={cfg.nan_policy!r}; valid: stop, skip")
     if cfg.fault_inject and cfg.fault_inject.partition(":")[0] not in ("reset", "nan_reward"):
@@ -245,6 +276,7 @@ def validate(cfg: Config) -> None:
     for k in ("actor_lr", "critic_lr", "alpha_lr", "init_alpha"):
         if getattr(cfg.sac, k) <= 0:
             raise ConfigError(f"sac.{k}={getattr(cfg.sac, k)} must be > 0")
+    _validate_ppo(cfg)
     try:
         suite = get_suite(cfg.suite, cfg.tasks or None)
     except ValueError as e:
@@ -271,6 +303,32 @@ def validate(cfg: Config) -> None:
         build_backbone(cfg.backbone, 4, 2, suite.num_tasks, **cfg.backbone_kwargs)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"backbone {cfg.backbone!r}: {str(e).splitlines()[0]}") from None
+
+
+def _validate_ppo(cfg: Config) -> None:
+    """issue 5: the ppo section (checked whatever the algo, so a bad preset fails early)."""
+    p = cfg.ppo
+    for k in ("rollout_steps", "epochs", "minibatches"):
+        if getattr(p, k) <= 0:
+            raise ConfigError(f"ppo.{k}={getattr(p, k)} must be > 0")
+    if p.minibatches > p.rollout_steps:
+        raise ConfigError(f"ppo.minibatches={p.minibatches} must be <= ppo.rollout_steps={p.rollout_steps} "
+                          "(every minibatch holds at least one sample of every task)")
+    for k in ("gamma", "gae_lambda"):
+        if not 0.0 <= getattr(p, k) <= 1.0:
+            raise ConfigError(f"ppo.{k}={getattr(p, k)} must be in [0, 1]")
+    if not 0.0 < p.clip < 1.0:
+        raise ConfigError(f"ppo.clip={p.clip} must be in (0, 1)")
+    if p.lr <= 0:
+        raise ConfigError(f"ppo.lr={p.lr} must be > 0")
+    for k in ("vf_clip", "ent_coef", "vf_coef", "max_grad_norm", "target_kl", "obs_clip"):
+        if getattr(p, k) < 0:
+            raise ConfigError(f"ppo.{k}={getattr(p, k)} must be >= 0")
+    if p.log_std not in ("param", "state"):
+        raise ConfigError(f"ppo.log_std={p.log_std!r}; valid: param, state")
+    if cfg.algo == "ppo" and cfg.method == "stl":
+        raise ConfigError("method 'stl' (single-task SB3 SAC reference) cannot run with algo 'ppo'; valid with "
+                          "ppo: any gradient method (mtsac, pcgrad, ...)")
 
 
 def to_dict(cfg: Any) -> Dict[str, Any]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import platform
 import signal
 import sys
 import time
@@ -212,7 +213,7 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
         meta = {"versions": versions(), "git_commit": git_commit(), "protocol": protocol(self.suite, self.cfg),
-                "device": str(self.device)}
+                "device": str(self.device), "learner": {"pid": os.getpid(), "host": platform.node()}}
         _write_json(self.run_dir / "run_info.json", meta)
         assert self.logger is not None
         self.logger.text("config", "```\n" + yaml.safe_dump(to_dict(self.cfg), sort_keys=False) + "\n```")
@@ -266,7 +267,10 @@ class Trainer:
     def train(self) -> Dict[str, Any]:
         """The whole run: collect and learn to ``total_steps``, final evaluation and checkpoint."""
         cfg = self.cfg
-        prev_term = signal.signal(signal.SIGTERM, _raise_interrupt)
+        try:
+            prev_term = signal.signal(signal.SIGTERM, _raise_interrupt)
+        except ValueError:  # not the main thread (e.g. inside a threaded Ray actor): no handler to install
+            prev_term = None
         progress = Progress(cfg.total_steps, min(self.env_steps, cfg.total_steps), cfg.progress)
         try:
             self.start()
@@ -284,7 +288,8 @@ class Trainer:
             raise
         finally:
             progress.close()
-            signal.signal(signal.SIGTERM, prev_term)
+            if prev_term is not None:
+                signal.signal(signal.SIGTERM, prev_term)
             self.close()
         return final
 
@@ -352,8 +357,8 @@ class Trainer:
         try:
             info = self.agent.update(batch)
         except NonFiniteLoss as e:
-            msg = (f"non-finite {e.loss} loss for task {self.suite.task_names[e.task]!r} at update {self.updates} "
-                   f"(env step {self.env_steps})")
+            where = f"task {self.suite.task_names[e.task]!r}" if e.task is not None else "the combined update"
+            msg = f"non-finite {e.loss} {e.kind} for {where} at update {self.updates} (env step {self.env_steps})"
             if cfg.nan_policy == "stop":
                 raise NonFiniteError(msg) from None
             # "skip": count it, leave the parameters as they were (the optimizer did not step), go on.
@@ -508,6 +513,54 @@ class Trainer:
                 except Exception:  # a broken worker has no state worth keeping; resume rebuilds it
                     pass
         checkpoint.save(self.run_dir / checkpoint.CKPT_NAME, payload)
+
+
+class _LearnerActor:
+    """Runs a whole trainer inside a Ray actor, so the learner can sit on a cluster node that has the GPU."""
+
+    def train(self, trainer_cls: type, cfg: Config, run_dir: Path, resume: Optional[Dict[str, Any]]):
+        return trainer_cls(cfg, run_dir, resume=resume).train()
+
+
+def learner_in_actor(cfg: Config) -> bool:
+    """Where the learner runs: "driver" (this process), "actor" (a Ray actor), or "auto" (an actor holding a GPU
+    when joining a cluster that has one and the device is not "cpu"; otherwise this process)."""
+    if cfg.learner_placement != "auto":
+        return cfg.learner_placement == "actor"
+    if not cfg.address or cfg.device == "cpu":
+        return False
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=cfg.address, include_dashboard=False, log_to_driver=True)
+    return ray.cluster_resources().get("GPU", 0) > 0
+
+
+def train_placed(trainer_cls: type, cfg: Config, run_dir: Path, resume: Optional[Dict[str, Any]] = None):
+    """``trainer_cls(cfg, run_dir, resume).train()`` here, or in a Ray actor asking for ``num_gpus=1`` when the
+    learner wants CUDA (``--device cuda``, or ``auto`` with a GPU in the cluster). The actor's exceptions reach the
+    caller as their own types (Ray re-raises them as subclasses of the cause)."""
+    if not learner_in_actor(cfg):
+        return trainer_cls(cfg, run_dir, resume=resume).train()
+    import ray
+
+    if not ray.is_initialized():
+        if cfg.address:
+            ray.init(address=cfg.address, include_dashboard=False, log_to_driver=True)
+        else:  # a local cluster with room for the learner actor beside the workers
+            cpus = max(os.cpu_count() or 1, math.ceil(cfg.workers * cfg.worker_cpus)) + 1
+            os.environ.setdefault("RAY_worker_niceness", "0")
+            root = str(Path(__file__).resolve().parent.parent)
+            ray.init(address="local", num_cpus=cpus, include_dashboard=cfg.dashboard, dashboard_host="127.0.0.1",
+                     log_to_driver=True, runtime_env={"env_vars": {"PYTHONPATH": root}})
+    gpus = 1 if cfg.device == "cuda" or (cfg.device == "auto" and ray.cluster_resources().get("GPU", 0) > 0) else 0
+    actor = ray.remote(num_cpus=1, num_gpus=gpus)(_LearnerActor).remote()
+    ref = actor.train.remote(trainer_cls, cfg, Path(run_dir), resume)
+    try:
+        return ray.get(ref)
+    except KeyboardInterrupt:
+        ray.cancel(ref)  # the actor's SIGINT path saves a checkpoint where Ray can deliver it
+        raise
 
 
 def _raise_interrupt(signum: int, frame: Any) -> None:

@@ -125,7 +125,14 @@ def build_policy(cfg, suite, payload: Dict[str, Any]):
 
     if "agent" not in payload or "actor" not in payload["agent"]:
         raise EvalError("the checkpoint holds no actor weights")
-    actor = build_actor(suite.obs_dim, suite.act_dim, suite.num_tasks, cfg.sac, cfg.backbone, cfg.backbone_kwargs)
+    if cfg.algo == "ppo":  # issue 5: the Gaussian PPO policy (its obs statistics are part of its weights)
+        from agents.ppo import build_policy as build_ppo_policy
+
+        actor = build_ppo_policy(suite.obs_dim, suite.act_dim, suite.num_tasks, cfg.ppo, cfg.backbone,
+                                 cfg.backbone_kwargs)
+    else:
+        actor = build_actor(suite.obs_dim, suite.act_dim, suite.num_tasks, cfg.sac, cfg.backbone,
+                            cfg.backbone_kwargs)
     try:
         actor.load_state_dict(payload["agent"]["actor"])
     except RuntimeError as e:

@@ -17,9 +17,7 @@ if str(ROOT) not in sys.path:  # runnable from a checkout even before `pip insta
     sys.path.insert(0, str(ROOT))
 
 
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # argparse's default prints the whole usage block
-        self.exit(2, f"{self.prog}: error: {message}\n")
+from mtrl.cli import OneLineParser  # noqa: E402
 
 
 def bad(message: str) -> None:
@@ -46,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--tasks", help="comma-separated Meta-World v3 tasks for a custom suite, e.g. reach-v3,push-v3")
     a("--method", help=f"how task losses combine (default mtsac): {', '.join(available_methods())}; "
                        "or stl = single-task reference (one SB3 SAC per task)")  # stl: issue 7
-    a("--algo", help="learning algorithm: sac")
+    a("--algo", help="learning algorithm: sac, ppo (or --method mtppo: the PPO preset)")
     a("--backbone", help=f"network: {', '.join(available_backbones())}")
     a("--seed", type=int)
     a("--total-steps", type=int, help="env steps summed over all tasks (MT10 at 2M/task: 20000000)")
@@ -82,12 +80,18 @@ def make_config(args: argparse.Namespace):
         raise ConfigError(f"--config {args.config!r}: expected a mapping of settings")
     method = args.method or file_data.get("method") or cfg.method
     preset = method_preset(str(method))
+    preset_data: dict = {}
     if preset is not None:
-        apply_mapping(cfg, load_yaml(preset), f"configs/methods/{preset.name}")
+        preset_data = load_yaml(preset)
+        apply_mapping(cfg, preset_data, f"configs/methods/{preset.name}")
     if file_data:
         apply_mapping(cfg, file_data, f"--config {args.config}")
     for key in FLAG_KEYS:
         v = getattr(args, key)
+        # issue 5: a preset whose own `method:` differs from its name (mtppo = algo ppo + method mtsac) gives that
+        # method when `--method <preset>` selected it; every other preset names itself, so nothing changes there.
+        if key == "method" and preset is not None and v == method and preset_data.get("method", v) != v:
+            v = preset_data["method"]
         if v is not None:
             setattr(cfg, key, v)
     if args.tasks is not None:
@@ -142,7 +146,8 @@ def main(argv=None) -> int:
         validate(cfg)
         from mtrl.runner import default_run_dir, resolve_device
 
-        resolve_device(cfg.device)
+        if not (cfg.address and cfg.learner_placement != "driver"):
+            resolve_device(cfg.device)  # on a cluster the GPU may be on another node: the learner actor checks
         if run_dir is None:
             run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg)
             if run_dir.exists() and any(run_dir.iterdir()):
@@ -173,12 +178,17 @@ def main(argv=None) -> int:
         print(f"final: success_rate={final['success_rate']:.3f} return={final['return']:.1f} ({run_dir}/results.json)")
         return 0
 
-    from mtrl.runner import NonFiniteError, Trainer, WorkerFailure
+    from mtrl.runner import NonFiniteError, Trainer, WorkerFailure, train_placed
 
-    trainer = Trainer(cfg, run_dir, resume=payload)
+    trainer_cls = Trainer
+    if cfg.algo == "ppo":  # issue 5: synchronous on-policy rounds on the same workers, methods and backbones
+        from mtrl.onpolicy import OnPolicyTrainer
+
+        trainer_cls = OnPolicyTrainer
     print(f"run directory: {run_dir}", flush=True)
     try:
-        final = trainer.train()
+        # In this process, or in a Ray actor holding a GPU (learner_placement; auto = on a cluster with a GPU).
+        final = train_placed(trainer_cls, cfg, run_dir, payload)
     except NonFiniteError as e:
         sys.stderr.write(f"train.py: stopped: {e}; the last good checkpoint in {run_dir} is kept\n")
         return 1

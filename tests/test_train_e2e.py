@@ -67,3 +67,17 @@ def test_every_method_trains_end_to_end_on_mt10(method, tmp_path):
     assert rc == 0
     res = json.loads((run / "results.json").read_text())["final"]
     assert sorted(res["per_task"]) == sorted(MT10) and res["updates"] > 0
+
+
+@pytest.mark.ray
+def test_learner_runs_inside_a_ray_actor_when_placed_there(tmp_path, ray_local):
+    """`learner_placement=actor` (what `auto` picks on a cluster with a GPU, then with num_gpus=1)."""
+    import os
+
+    run = tmp_path / "run"
+    rc = train.main(["--suite", "mt10", "--total-steps", "400", "--workers", "1", "--eval-every", "0",
+                     "--run-dir", str(run), "--set", "learner_placement=actor", *TINY])
+    assert rc == 0
+    info = json.loads((run / "run_info.json").read_text())
+    assert info["learner"]["pid"] != os.getpid()  # the learner ran in another process: the actor
+    assert json.loads((run / "results.json").read_text())["final"]["updates"] > 0

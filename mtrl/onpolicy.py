@@ -1,0 +1,213 @@
+"""The on-policy training loop (issue 5): synchronous PPO rounds on the same rollout workers.
+
+Each round every worker collects ``ppo.rollout_steps`` env steps of each of its tasks with the current policy
+(``PPOWorker.collect_rollout``: behaviour log-probs, terminated vs truncated kept apart, the true final next_obs);
+the learner (``agents.ppo.MTPPO``) computes per-task GAE and runs ``epochs`` x ``minibatches`` updates, merges the
+round's observations into the observation statistics and broadcasts weights + statistics. A worker that dies or
+raises during a round is replaced (``Trainer._worker_failed``: bounded restarts) and its share of the round is
+collected again by the replacement with the same, unchanged policy; the other workers' data is kept.
+
+Reused from ``mtrl.runner.Trainer``: run directory files, Ray start, worker specs and seed streams, the pool,
+failure handling, evaluation (``pool.evaluate`` + ``summarize`` + results.json), checkpoints and ``--resume``,
+rollout/time logging and the gradient/backbone diagnostics. Budget: rounds are whole, so a run stops at the first
+round boundary at or past ``total_steps`` (it may overshoot by up to one round, T x rollout_steps env steps).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+
+from agents.ppo import MTPPO, NonFiniteLoss, build_policy, explained_variance
+
+from .config import PPOConfig
+from .logging import Progress
+from .rollout import RolloutWorker, WorkerError, WorkerSpec
+from .runner import NonFiniteError, Trainer
+
+
+@dataclass
+class PPOWorkerSpec(WorkerSpec):
+    """WorkerSpec plus the policy settings of PPO (the SAC ``log_std_*`` fields are unused)."""
+
+    ppo: Dict[str, Any] = dataclasses.field(default_factory=dict)  # PPOConfig as a dict
+
+
+class PPOWorker(RolloutWorker):
+    """A RolloutWorker holding a Gaussian PPO policy (``agents.ppo.GaussianPolicy``) instead of the SAC actor.
+
+    ``evaluate`` is inherited: it calls ``policy.act(obs, tids, mask, deterministic=True)``, which normalises the
+    raw observation with the shipped statistics and returns the clipped mean action.
+    """
+
+    def __init__(self, spec: PPOWorkerSpec) -> None:
+        super().__init__(spec)
+        cfg = PPOConfig(**spec.ppo)
+        s = self.suite
+        self.policy = build_policy(s.obs_dim, s.act_dim, s.num_tasks, cfg, spec.backbone, spec.backbone_kwargs)
+        self.policy.eval()
+
+    def collect_rollout(self, n_steps: int) -> Dict[str, Any]:
+        """Step every owned env ``n_steps`` times with the current stochastic policy.
+
+        Returns per-task arrays (k, n_steps, ...): raw ``obs``; the unclipped sampled ``action`` (the env got
+        ``clip(action, -1, 1)``) and its behaviour ``logp``; ``reward``; ``terminated`` and ``truncated`` apart;
+        ``next_obs`` = the TRUE next observation (the final one at an episode end, before the reset). Plus the
+        finished episodes and the step count, as ``collect`` returns them.
+        """
+        k, d_o, d_a = len(self.envs), self.obs.shape[1], self.suite.act_dim
+        obs = np.empty((k, n_steps, d_o), np.float32)
+        nxt = np.empty((k, n_steps, d_o), np.float32)
+        act = np.empty((k, n_steps, d_a), np.float32)
+        logp = np.empty((k, n_steps), np.float32)
+        rew = np.empty((k, n_steps), np.float32)
+        term = np.empty((k, n_steps), np.float32)
+        trunc = np.empty((k, n_steps), np.float32)
+        episodes: List[Tuple[int, float, float, int]] = []
+        for s in range(n_steps):
+            a, lp = self.policy.sample(torch.as_tensor(self.obs, dtype=torch.float32), self.tids, self.mask,
+                                       generator=self.gen)
+            a, lp = a.numpy(), lp.numpy()
+            obs[:, s] = self.obs
+            act[:, s] = a
+            logp[:, s] = lp
+            env_a = np.clip(a, -1.0, 1.0)
+            for i in range(k):
+                o2, r, te, tr, info = self._env_call(i, "step", env_a[i])
+                nxt[i, s] = o2
+                rew[i, s] = float("nan") if self.nan_reward[i] else r
+                term[i, s], trunc[i, s] = float(te), float(tr)
+                self.ep_ret[i] += r
+                self.ep_len[i] += 1
+                self.ep_success[i] |= bool(info.get("success", 0.0))
+                if te or tr:
+                    episodes.append((self.task_indices[i], float(self.ep_ret[i]), float(self.ep_success[i]),
+                                     int(self.ep_len[i])))
+                    self.ep_ret[i], self.ep_len[i], self.ep_success[i] = 0.0, 0, False
+                    o2, _ = self._env_call(i, "reset")
+                self.obs[i] = o2
+            self.steps += 1
+        return {"task_indices": self.task_indices, "obs": obs, "action": act, "logp": logp, "reward": rew,
+                "next_obs": nxt, "terminated": term, "truncated": trunc, "episodes": episodes, "steps": k * n_steps}
+
+
+class OnPolicyTrainer(Trainer):
+    """``--algo ppo``: the Trainer's machinery with synchronous collection rounds and PPO updates."""
+
+    worker_cls = PPOWorker
+
+    def _build_learner(self, agent_seed: int, replay_seed: int):
+        del replay_seed
+        cfg = self.cfg
+        agent = MTPPO(self.suite.obs_dim, self.suite.act_dim, self.T, self.suite.action_mask, cfg.ppo,
+                      backbone=cfg.backbone, backbone_kwargs=cfg.backbone_kwargs, method=cfg.method,
+                      method_kwargs=cfg.method_kwargs, actor_method=cfg.actor_method or None, device=self.device,
+                      seed=agent_seed)
+        return agent, None
+
+    def _worker_spec(self, i: int, task_slice: List[int]) -> PPOWorkerSpec:
+        base = super()._worker_spec(i, task_slice)
+        fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(WorkerSpec)}
+        fields["learning_starts"] = 0  # on-policy: never random actions
+        return PPOWorkerSpec(**fields, ppo=dataclasses.asdict(self.cfg.ppo))
+
+    # --- the loop -------------------------------------------------------------------------------------------
+    def _collect_round(self) -> Dict[str, np.ndarray]:
+        """One synchronous round: every task's ``rollout_steps``. Failed workers are replaced and their share
+        collected again (same weights: the replacement gets the last broadcast). Returns (T, N, ...) arrays."""
+        pool, n = self.pool, self.cfg.ppo.rollout_steps
+        assert pool is not None
+        todo = set(range(len(pool)))
+        parts: Dict[int, Dict[str, Any]] = {}
+        while todo:
+            for i in sorted(todo):
+                pool.submit_collect(i, n, method="collect_rollout")
+            while pool.pending:
+                for i, result in pool.ready(block=True):
+                    if isinstance(result, WorkerError):
+                        self._worker_failed(i, result.message)  # raises WorkerFailure past the restart bound
+                        continue
+                    self.failures_in_a_row[i] = 0
+                    parts[i] = result
+                    todo.discard(i)
+        keys = ("obs", "action", "logp", "reward", "next_obs", "terminated", "truncated")
+        out = {k: np.empty((self.T, n) + parts[0][k].shape[2:], np.float32) for k in keys}
+        for res in parts.values():
+            for j, t in enumerate(res["task_indices"]):
+                for k in keys:
+                    out[k][t] = res[k][j]
+                self.task_steps[t] += n
+            for t, ret, succ, _length in res["episodes"]:
+                self.recent_ret[t].append(ret)
+                self.recent_succ[t].append(succ)
+                self.episodes += 1
+            self.env_steps += int(res["steps"])
+        return out
+
+    def run_until(self, total_steps: int, progress: Optional[Progress] = None) -> None:
+        cfg, pool = self.cfg, self.pool
+        assert pool is not None, "call start() first"
+        while self.env_steps < total_steps:
+            before = self.env_steps
+            rollout = self._collect_round()
+            if progress is not None:
+                progress.update(self.env_steps - before, updates=self.updates)
+            batch = self.agent.prepare(rollout)
+            ev = explained_variance(batch["value"].cpu().numpy(), batch["ret"].cpu().numpy())
+            try:
+                info = self.agent.update(batch)
+            except NonFiniteLoss as e:
+                where = f"task {self.suite.task_names[e.task]!r}" if e.task is not None else "the combined update"
+                msg = f"non-finite {e.loss} {e.kind} for {where} at update {self.updates} (env step {self.env_steps})"
+                if cfg.nan_policy == "stop":
+                    raise NonFiniteError(msg) from None
+                self.nan_skipped += 1  # "skip": drop the rest of this round's update, keep going
+                assert self.logger is not None
+                self.logger.scalar("train/nan_skipped", self.nan_skipped, self.env_steps)
+                info = None
+            self.updates = self.agent.num_updates
+            self.agent.update_obs_norm(rollout["obs"])
+            pool.broadcast(self.agent.policy_state())
+            if info is not None:
+                self._log_round(info, ev, batch)
+                if self.agent.num_rounds % max(1, math.ceil(cfg.log_grad_every / max(info["steps"], 1))) == 0:
+                    self._log_grad(info)
+                    self._log_backbones()
+            if self.env_steps >= self.next_eval and self.env_steps < total_steps:
+                self.evaluate(final=False)
+                self.next_eval = (self.env_steps // cfg.eval_every + 1) * cfg.eval_every
+            if self.env_steps >= self.next_ckpt and self.env_steps < total_steps:
+                self.save_checkpoint()
+                self.next_ckpt = (self.env_steps // cfg.checkpoint_every + 1) * cfg.checkpoint_every
+        pool.discard_pending()
+
+    # --- logging --------------------------------------------------------------------------------------------
+    def _log_round(self, info: Dict[str, Any], ev: np.ndarray, batch: Dict[str, torch.Tensor]) -> None:
+        """Once per round (a round is many updates): train/* means over the round's minibatch steps."""
+        lg, step = self.logger, self.env_steps
+        assert lg is not None
+        if info["steps"] > 0:
+            for key, tag in (("actor_losses", "policy_loss"), ("critic_losses", "value_loss"),
+                             ("approx_kl", "approx_kl"), ("clip_fraction", "clip_fraction"),
+                             ("entropy", "entropy")):
+                v = info[key].cpu().numpy()
+                lg.scalar(f"train/{tag}", float(v.mean()), step)
+                if tag in ("policy_loss", "value_loss"):
+                    lg.per_task("train", tag, v, step)
+        if "std" in info:
+            std = info["std"].cpu().numpy()
+            lg.scalar("train/std", float(std.mean()), step)
+            lg.per_task("train", "std", std, step)
+        lg.per_task("train", "explained_variance", ev, step)
+        lg.scalar("train/explained_variance", float(np.nanmean(ev)) if np.isfinite(ev).any() else math.nan, step)
+        lg.scalar("train/epochs_done", info["epochs_done"], step)
+        lg.scalar("train/kl_stop", float(info["kl_stop"]), step)
+        lg.scalar("train/n_updates", self.updates, step)
+        lg.scalar("train/adv_raw_std", float(batch["adv_raw"].std()), step)
+        self._log_rollout_and_time(step)
+        lg.flush()
