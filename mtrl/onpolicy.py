@@ -78,19 +78,8 @@ class PPOWorker(RolloutWorker):
             logp[:, s] = lp
             env_a = np.clip(a, -1.0, 1.0)
             for i in range(k):
-                o2, r, te, tr, info = self._env_call(i, "step", env_a[i])
-                nxt[i, s] = o2
-                rew[i, s] = float("nan") if self.nan_reward[i] else r
+                nxt[i, s], rew[i, s], te, tr = self._step_env(i, env_a[i], episodes)
                 term[i, s], trunc[i, s] = float(te), float(tr)
-                self.ep_ret[i] += r
-                self.ep_len[i] += 1
-                self.ep_success[i] |= bool(info.get("success", 0.0))
-                if te or tr:
-                    episodes.append((self.task_indices[i], float(self.ep_ret[i]), float(self.ep_success[i]),
-                                     int(self.ep_len[i])))
-                    self.ep_ret[i], self.ep_len[i], self.ep_success[i] = 0.0, 0, False
-                    o2, _ = self._env_call(i, "reset")
-                self.obs[i] = o2
             self.steps += 1
         return {"task_indices": self.task_indices, "obs": obs, "action": act, "logp": logp, "reward": rew,
                 "next_obs": nxt, "terminated": term, "truncated": trunc, "episodes": episodes, "steps": k * n_steps}

@@ -133,6 +133,22 @@ class RolloutWorker:
             act = np.where(random[:, None], uni, act)
         return act
 
+    def _step_env(self, i: int, action: np.ndarray, episodes: List[Tuple[int, float, float, int]]):
+        """One step of env ``i``: episode bookkeeping, reset at an episode's end (finished episodes are appended to
+        ``episodes``). Returns (true next obs, reward as stored, terminated, truncated)."""
+        o2, r, te, tr, info = self._env_call(i, "step", action)
+        nxt = o2
+        self.ep_ret[i] += r
+        self.ep_len[i] += 1
+        self.ep_success[i] |= bool(info.get("success", 0.0))
+        if te or tr:
+            episodes.append((self.task_indices[i], float(self.ep_ret[i]), float(self.ep_success[i]),
+                             int(self.ep_len[i])))
+            self.ep_ret[i], self.ep_len[i], self.ep_success[i] = 0.0, 0, False
+            o2, _ = self._env_call(i, "reset")
+        self.obs[i] = o2
+        return nxt, (float("nan") if self.nan_reward[i] else r), te, tr
+
     def collect(self, n_steps: int) -> Dict[str, Any]:
         """Step every owned env ``n_steps`` times. Returns per-task transition arrays and finished episodes."""
         k, d_o, d_a = len(self.envs), self.obs.shape[1], self.suite.act_dim
@@ -147,19 +163,9 @@ class RolloutWorker:
             obs[:, s] = self.obs
             act[:, s] = a
             for i in range(k):
-                o2, r, te, tr, info = self._env_call(i, "step", a[i])
-                nxt[i, s] = o2  # the true final observation on truncation: the learner bootstraps from it
-                rew[i, s] = float("nan") if self.nan_reward[i] else r
+                # next_obs is the true final observation on truncation: the learner bootstraps from it.
+                nxt[i, s], rew[i, s], te, _ = self._step_env(i, a[i], episodes)
                 term[i, s] = float(te)
-                self.ep_ret[i] += r
-                self.ep_len[i] += 1
-                self.ep_success[i] |= bool(info.get("success", 0.0))
-                if te or tr:
-                    episodes.append((self.task_indices[i], float(self.ep_ret[i]), float(self.ep_success[i]),
-                                     int(self.ep_len[i])))
-                    self.ep_ret[i], self.ep_len[i], self.ep_success[i] = 0.0, 0, False
-                    o2, _ = self._env_call(i, "reset")
-                self.obs[i] = o2
             self.steps += 1
         return {"task_indices": self.task_indices, "obs": obs, "action": act, "reward": rew, "next_obs": nxt,
                 "terminated": term, "episodes": episodes, "steps": k * n_steps}
