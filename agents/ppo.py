@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from agents.sac import NonFiniteLoss, _check_finite, _prefixed_task_specific, has_aux_loss
+from agents.sac import NonFiniteLoss, _prefixed_task_specific, has_aux_loss, method_step
 from mtrl.config import PPOConfig
 from mtrl.gradients import get_method
 from mtrl.nets import build_backbone
@@ -362,23 +362,8 @@ class MTPPO:
 
     def _step(self, name: str, module: nn.Module, opt: torch.optim.Optimizer, method, loss_fn, batch,
               task_specific: Set[str]) -> Dict[str, Any]:
-        """As MTSAC._step: the method writes the combined gradient; a non-finite loss stops before the step."""
-        opt.zero_grad(set_to_none=True)
-        kwargs = {"task_specific": task_specific} if task_specific and getattr(method, "accepts_task_specific",
-                                                                               False) else {}
-        info = method.backward(loss_fn, dict(module.named_parameters()), batch, self.task_ids, **kwargs)
-        _check_finite(name, info["losses"])
-        grads = [p.grad for p in module.parameters() if p.grad is not None]
-        if grads and not bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()):
-            raise NonFiniteLoss(name, None, kind="gradient")  # finite losses, yet a non-finite combined gradient
-        if self.cfg.max_grad_norm > 0:
-            nn.utils.clip_grad_norm_(module.parameters(), self.cfg.max_grad_norm)
-        opt.step()
-        method.post_step()
-        for m in self.hooks[name]:
-            m.after_step({"role": name, "num_updates": self.num_updates, "loss_fn": loss_fn, "batch": batch,
-                          "params": dict(module.named_parameters()), "task_ids": self.task_ids, "info": info})
-        return info
+        return method_step(name, module, opt, method, loss_fn, batch, self.task_ids, task_specific,
+                           self.cfg.max_grad_norm, self.hooks[name], self.num_updates)[0]
 
     # --- acting and state -----------------------------------------------------------------------------------
     def policy_state(self) -> Dict[str, np.ndarray]:

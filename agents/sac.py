@@ -124,6 +124,34 @@ def _check_finite(name: str, losses: Tensor) -> None:
         raise NonFiniteLoss(name, int((~ok).nonzero()[0, 0]))
 
 
+def method_step(name: str, module: nn.Module, opt: torch.optim.Optimizer, method, loss_fn, batch,
+                task_ids: Tensor, task_specific: Set[str], max_grad_norm: float, hooks, num_updates: int):
+    """One optimizer step of ``module`` through a method (shared by MT-SAC and MT-PPO).
+
+    The method writes the combined gradient into ``.grad``; a non-finite per-task loss or combined gradient stops
+    before the step (``NonFiniteLoss``). Then clipping, the step, the method's ``post_step`` and the modules'
+    ``after_step`` hooks. Returns (the method's diagnostics, whether any hook changed buffers).
+    """
+    opt.zero_grad(set_to_none=True)
+    kwargs = {"task_specific": task_specific} if task_specific and getattr(method, "accepts_task_specific",
+                                                                           False) else {}
+    info = method.backward(loss_fn, dict(module.named_parameters()), batch, task_ids, **kwargs)
+    _check_finite(name, info["losses"])
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    if grads and not bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()):
+        raise NonFiniteLoss(name, None, kind="gradient")  # finite losses, yet a non-finite combined gradient
+    if max_grad_norm > 0:
+        nn.utils.clip_grad_norm_(module.parameters(), max_grad_norm)
+    opt.step()
+    method.post_step()
+    changed = False
+    for m in hooks:
+        changed |= bool(m.after_step({"role": name, "num_updates": num_updates, "loss_fn": loss_fn, "batch": batch,
+                                      "params": dict(module.named_parameters()), "task_ids": task_ids,
+                                      "info": info}))
+    return info, changed
+
+
 class MTSAC:
     """The learner-side agent. ``update(batch)`` does one gradient step on critic, actor and temperatures."""
 
@@ -247,24 +275,8 @@ class MTSAC:
 
     def _step(self, name: str, module: nn.Module, opt: torch.optim.Optimizer, method, loss_fn, batch,
               task_specific: Set[str]) -> Dict[str, Any]:
-        """The method writes the combined gradient into ``.grad``; a non-finite loss stops before the step."""
-        opt.zero_grad(set_to_none=True)
-        kwargs = {"task_specific": task_specific} if task_specific and getattr(method, "accepts_task_specific",
-                                                                               False) else {}
-        info = method.backward(loss_fn, dict(module.named_parameters()), batch, self.task_ids, **kwargs)
-        _check_finite(name, info["losses"])
-        grads = [p.grad for p in module.parameters() if p.grad is not None]
-        if grads and not bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()):
-            raise NonFiniteLoss(name, None, kind="gradient")  # finite losses, yet a non-finite combined gradient
-        if self.cfg.max_grad_norm > 0:
-            nn.utils.clip_grad_norm_(module.parameters(), self.cfg.max_grad_norm)
-        opt.step()
-        method.post_step()
-        changed = False
-        for m in self.hooks[name]:
-            changed |= bool(m.after_step({"role": name, "num_updates": self.num_updates, "loss_fn": loss_fn,
-                                          "batch": batch, "params": dict(module.named_parameters()),
-                                          "task_ids": self.task_ids, "info": info}))
+        info, changed = method_step(name, module, opt, method, loss_fn, batch, self.task_ids, task_specific,
+                                    self.cfg.max_grad_norm, self.hooks[name], self.num_updates)
         # [issue 4] An after_step that returns True changed buffers (e.g. harmony's per-task masks): the target
         # critic shares them, so copy the critic's buffers into it (Polyak averaging only moves parameters).
         if changed and name == "critic":

@@ -34,7 +34,6 @@ def main() -> int:
     a = p.parse_args()
 
     import gymnasium as gym
-    import numpy as np
     import torch
     from metaworld.evaluation import evaluation
     from stable_baselines3 import SAC
