@@ -28,7 +28,7 @@ from agents.ppo import MTPPO, NonFiniteLoss, build_policy, explained_variance
 from .config import PPOConfig
 from .logging import Progress
 from .rollout import RolloutWorker, WorkerError, WorkerSpec
-from .runner import NonFiniteError, Trainer
+from .runner import Trainer
 
 
 @dataclass
@@ -151,13 +151,7 @@ class OnPolicyTrainer(Trainer):
             try:
                 info = self.agent.update(batch)
             except NonFiniteLoss as e:
-                where = f"task {self.suite.task_names[e.task]!r}" if e.task is not None else "the combined update"
-                msg = f"non-finite {e.loss} {e.kind} for {where} at update {self.updates} (env step {self.env_steps})"
-                if cfg.nan_policy == "stop":
-                    raise NonFiniteError(msg) from None
-                self.nan_skipped += 1  # "skip": drop the rest of this round's update, keep going
-                assert self.logger is not None
-                self.logger.scalar("train/nan_skipped", self.nan_skipped, self.env_steps)
+                self._non_finite(e)  # raises under nan_policy=stop; "skip": drop the rest of this round's update
                 info = None
             self.updates = self.agent.num_updates
             self.agent.update_obs_norm(rollout["obs"])

@@ -351,21 +351,24 @@ class Trainer:
         self.env_steps += n
         return n
 
+    def _non_finite(self, e: NonFiniteLoss) -> None:
+        """nan_policy "stop": raise NonFiniteError naming the task and the loss. "skip": count and log it."""
+        where = f"task {self.suite.task_names[e.task]!r}" if e.task is not None else "the combined update"
+        msg = f"non-finite {e.loss} {e.kind} for {where} at update {self.updates} (env step {self.env_steps})"
+        if self.cfg.nan_policy == "stop":
+            raise NonFiniteError(msg) from None
+        self.nan_skipped += 1
+        assert self.logger is not None
+        self.logger.scalar("train/nan_skipped", self.nan_skipped, self.env_steps)
+
     def _update(self) -> None:
         cfg = self.cfg
         batch = self.replay.sample(cfg.sac.batch_size, self.device)
         try:
             info = self.agent.update(batch)
         except NonFiniteLoss as e:
-            where = f"task {self.suite.task_names[e.task]!r}" if e.task is not None else "the combined update"
-            msg = f"non-finite {e.loss} {e.kind} for {where} at update {self.updates} (env step {self.env_steps})"
-            if cfg.nan_policy == "stop":
-                raise NonFiniteError(msg) from None
-            # "skip": count it, leave the parameters as they were (the optimizer did not step), go on.
-            self.updates += 1
-            self.nan_skipped += 1
-            assert self.logger is not None
-            self.logger.scalar("train/nan_skipped", self.nan_skipped, self.env_steps)
+            self._non_finite(e)  # raises under nan_policy=stop
+            self.updates += 1  # "skip": the parameters stay as they were (the optimizer did not step); go on
             return
         self.updates += 1
         if self.updates % cfg.weight_sync_every == 0:
