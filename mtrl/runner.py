@@ -267,13 +267,13 @@ class Trainer:
     def train(self) -> Dict[str, Any]:
         """The whole run: collect and learn to ``total_steps``, final evaluation and checkpoint."""
         cfg = self.cfg
-        try:
-            prev_term = signal.signal(signal.SIGTERM, _raise_interrupt)
-        except ValueError:  # not the main thread (e.g. inside a threaded Ray actor): no handler to install
-            prev_term = None
         progress = Progress(cfg.total_steps, min(self.env_steps, cfg.total_steps), cfg.progress)
+        prev_term = None
         try:
             self.start()
+            # After start(): ray.init installs Ray's own SIGTERM handler (a stack dump, then death, no checkpoint);
+            # ours must be the one in place.
+            prev_term = _install_sigterm()
             self.run_until(cfg.total_steps, progress)
             final = self.evaluate(final=True)
             self.save_checkpoint()
@@ -564,6 +564,15 @@ def train_placed(trainer_cls: type, cfg: Config, run_dir: Path, resume: Optional
     except KeyboardInterrupt:
         ray.cancel(ref)  # the actor's SIGINT path saves a checkpoint where Ray can deliver it
         raise
+
+
+def _install_sigterm() -> Any:
+    """SIGTERM -> KeyboardInterrupt (so the run saves a checkpoint). Returns the previous handler, or None when not
+    in the main thread (e.g. inside a threaded Ray actor), where no handler can be installed."""
+    try:
+        return signal.signal(signal.SIGTERM, _raise_interrupt)
+    except ValueError:
+        return None
 
 
 def _raise_interrupt(signum: int, frame: Any) -> None:

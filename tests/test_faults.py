@@ -149,3 +149,22 @@ def test_two_node_loopback_cluster_run_completes(tmp_path):
         subprocess.run(["pkill", "-9", "-f", temp_dir], check=False)
         subprocess.run(["pkill", "-9", "-f", f"127.0.0.1:{port}"], check=False)
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.mark.ray
+def test_sigterm_saves_a_checkpoint_with_ray_workers(tmp_path):
+    """ray.init installs Ray's own SIGTERM handler (stack dump, death, no checkpoint); the trainer's must win."""
+    run = tmp_path / "run"
+    proc = _spawn_train(["--suite", "mt10", "--total-steps", "100000", "--workers", "1", "--eval-every", "0",
+                         "--run-dir", str(run), *TINY], tmp_path)
+    try:
+        _wait_for(run / "workers" / "worker0.pid", proc)
+        time.sleep(3.0)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, out
+    assert "checkpoint saved" in out and (run / "checkpoint.pt").is_file()
+    assert train.main(["--resume", str(run), "--total-steps", "1500", "--workers", "0", "--no-progress"]) == 0
