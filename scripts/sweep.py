@@ -42,12 +42,29 @@ def bad(message: str) -> int:
     return 2
 
 
+def grid_pairs(methods, backbones):
+    """(method, backbone) pairs of the grid. "--methods mtsac,pcgrad,moe": papers put architectures in the same
+    comparison as methods, so a backbone name among the methods is one more entry — mtsac on that backbone — while
+    the --backbones grid applies to the real methods."""
+    from mtrl.gradients import available_methods
+    from mtrl.nets import available_backbones
+
+    pairs = []
+    for m in methods:
+        if m in available_backbones() and m not in available_methods():
+            pairs.append(("mtsac", m))
+        else:
+            pairs += [(m, b) for b in backbones]
+    return list(dict.fromkeys(pairs))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="sweep.py", description="A grid of train.py runs (Ray tasks), then plot.py.")
     a = p.add_argument
     a("--suite", help="task suite (as train.py --suite)")
     a("--tasks", help="custom Meta-World task list (as train.py --tasks)")
-    a("--methods", default="mtsac", help="comma-separated methods (default mtsac); stl = single-task reference")
+    a("--methods", default="mtsac", help="comma-separated methods (default mtsac); stl = single-task reference; "
+                                         "a backbone name (e.g. moe) means mtsac on that backbone")
     a("--backbones", default="mlp", help="comma-separated backbones (default mlp)")
     a("--seeds", type=int, default=3, help="number of seeds (default 3)")
     a("--seed-start", type=int, default=0, help="first seed (default 0)")
@@ -153,7 +170,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     seeds = range(args.seed_start, args.seed_start + args.seeds)
     trials = []
-    for method, backbone, seed in itertools.product(methods, backbones, seeds):
+    for (method, backbone), seed in itertools.product(grid_pairs(methods, backbones), seeds):
         name = f"{args.suite or 'custom'}_{method}_{backbone}_s{seed}"
         run_dir = out / name
         targv = trial_argv(args, method, backbone, seed, run_dir)

@@ -64,3 +64,11 @@ def test_sweep_2x2_as_ray_tasks(tmp_path):
     assert sweep.main([*GRID, "--workers", "2", "--out", str(out)]) == 0
     _check_grid(out)
     assert all((out / "logs" / f"{p.name}.log").is_file() for p in out.iterdir() if p.name.startswith("mt1-"))
+
+
+def test_backbone_name_among_methods_is_mtsac_on_that_backbone():
+    """The issue's own example: --methods mtsac,pcgrad,moe (moe is a backbone)."""
+    assert sweep.grid_pairs(["mtsac", "pcgrad", "moe"], ["mlp"]) == [("mtsac", "mlp"), ("pcgrad", "mlp"),
+                                                                      ("mtsac", "moe")]
+    assert sweep.grid_pairs(["pcgrad", "moe"], ["mlp", "moe"]) == [("pcgrad", "mlp"), ("pcgrad", "moe"),
+                                                                   ("mtsac", "moe")]
