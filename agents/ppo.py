@@ -37,9 +37,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from agents.sac import NonFiniteLoss, _prefixed_task_specific, has_aux_loss, method_step
+from agents.sac import NonFiniteLoss, method_step, wire_methods
 from mtrl.config import PPOConfig
-from mtrl.gradients import get_method
 from mtrl.nets import build_backbone
 
 LOG_2PI = math.log(2 * math.pi)
@@ -223,19 +222,7 @@ class MTPPO:
         self.action_mask = torch.as_tensor(action_mask, dtype=torch.float32, device=self.device)
         self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=cfg.lr, eps=1e-5)
         self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=cfg.lr, eps=1e-5)
-        mk = dict(method_kwargs or {})
-        self.critic_method = get_method(method, num_tasks, **mk)
-        self.actor_method = (get_method(actor_method, num_tasks) if actor_method and actor_method != method
-                             else get_method(method, num_tasks, **mk))
-        self.task_ids = torch.arange(num_tasks, device=self.device)
-        self.critic_aux, self.actor_aux = has_aux_loss(self.critic), has_aux_loss(self.actor)
-        self.hooks = {role: [m for m in mod.modules() if callable(getattr(m, "after_step", None))]
-                      for role, mod in (("critic", self.critic), ("actor", self.actor))}
-        self.critic_task_specific = _prefixed_task_specific(self.critic, "")
-        self.actor_task_specific = _prefixed_task_specific(self.actor, "")
-        self.generator = torch.Generator(device=self.device)
-        self.generator.manual_seed(seed)
-        self.num_updates = 0  # optimizer steps (minibatches), over the whole run
+        wire_methods(self, num_tasks, method, method_kwargs, actor_method, seed)  # num_updates: minibatch steps
         self.num_rounds = 0
 
     # --- per-task losses (one task's slice; vmapped over the task axis) ---------------------------------------

@@ -152,6 +152,28 @@ def method_step(name: str, module: nn.Module, opt: torch.optim.Optimizer, method
     return info, changed
 
 
+def wire_methods(agent: Any, num_tasks: int, method: str, method_kwargs: Optional[Dict[str, Any]],
+                 actor_method: Optional[str], seed: int) -> None:
+    """What an agent with ``actor`` and ``critic`` modules needs to step them through methods (MT-SAC and MT-PPO):
+    one method instance per optimised loss (stateful methods such as FAMO or Nash-MTL keep separate state), the
+    task ids, which modules add an auxiliary loss, the ``after_step`` hooks, the task-specific parameter names, the
+    noise generator and the update counter."""
+    mk = dict(method_kwargs or {})
+    agent.critic_method = get_method(method, num_tasks, **mk)
+    agent.actor_method = (get_method(actor_method, num_tasks) if actor_method and actor_method != method
+                          else get_method(method, num_tasks, **mk))
+    agent.task_ids = torch.arange(num_tasks, device=agent.device)
+    agent.critic_aux, agent.actor_aux = has_aux_loss(agent.critic), has_aux_loss(agent.actor)
+    # Modules that act after each optimizer step (mask updates, perturbations...): `after_step(ctx)`.
+    agent.hooks = {role: [m for m in mod.modules() if callable(getattr(m, "after_step", None))]
+                   for role, mod in (("critic", agent.critic), ("actor", agent.actor))}
+    agent.critic_task_specific = _prefixed_task_specific(agent.critic, "")
+    agent.actor_task_specific = _prefixed_task_specific(agent.actor, "")
+    agent.generator = torch.Generator(device=agent.device)
+    agent.generator.manual_seed(seed)
+    agent.num_updates = 0
+
+
 class MTSAC:
     """The learner-side agent. ``update(batch)`` does one gradient step on critic, actor and temperatures."""
 
@@ -172,21 +194,7 @@ class MTSAC:
         self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=cfg.actor_lr)
         self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=cfg.critic_lr)
         self.alpha_opt = torch.optim.Adam([self.log_alpha], lr=cfg.alpha_lr)
-        mk = dict(method_kwargs or {})
-        # One method instance per optimised loss: stateful methods (FAMO, Nash-MTL, ...) keep separate state.
-        self.critic_method = get_method(method, num_tasks, **mk)
-        self.actor_method = (get_method(actor_method, num_tasks) if actor_method and actor_method != method
-                             else get_method(method, num_tasks, **mk))
-        self.task_ids = torch.arange(num_tasks, device=self.device)
-        self.critic_aux, self.actor_aux = has_aux_loss(self.critic), has_aux_loss(self.actor)
-        # Modules that act after each optimizer step (mask updates, perturbations...): `after_step(ctx)`.
-        self.hooks = {role: [m for m in mod.modules() if callable(getattr(m, "after_step", None))]
-                      for role, mod in (("critic", self.critic), ("actor", self.actor))}
-        self.critic_task_specific = _prefixed_task_specific(self.critic, "")
-        self.actor_task_specific = _prefixed_task_specific(self.actor, "")
-        self.generator = torch.Generator(device=self.device)
-        self.generator.manual_seed(seed)
-        self.num_updates = 0
+        wire_methods(self, num_tasks, method, method_kwargs, actor_method, seed)
 
     # --- per-task losses (one task's slice; vmapped over the task axis) ---------------------------------------
     def critic_loss_one(self, params: Dict[str, Tensor], b: Dict[str, Tensor], task: Tensor) -> Tensor:

@@ -179,6 +179,11 @@ def plot_curves(groups: Dict[Tuple[str, str], List[Run]], metric: str, out: Path
     if metric == "success_rate":
         ax.set_ylim(-0.03, 1.03)
     ax.grid(alpha=0.3)
+    return _finish(plt, fig, ax, title, out)
+
+
+def _finish(plt: Any, fig: Any, ax: Any, title: str, out: Path) -> Path:
+    """Legend, title, tight layout, save, close: the common tail of every figure here."""
     ax.legend(fontsize=8)
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
@@ -207,12 +212,7 @@ def plot_task_bars(groups: Dict[Tuple[str, str], List[Run]], metric: str, out: P
     if metric == "success_rate":
         ax.set_ylim(0, 1.05)
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8)
-    ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(out)
-    plt.close(fig)
-    return out
+    return _finish(plt, fig, ax, title, out)
 
 
 def plot_conflict(groups: Dict[Tuple[str, str], List[Run]], out: Path, bins: int = 40) -> Optional[Path]:
