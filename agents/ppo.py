@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from agents.sac import NonFiniteLoss, method_step, wire_methods
+from agents.sac import NonFiniteLoss, host_states, load_host_states, method_step, wire_methods
 from mtrl.config import PPOConfig
 from mtrl.nets import build_backbone
 
@@ -368,6 +368,7 @@ class MTPPO:
             "generator": self.generator.get_state(),
             "num_updates": self.num_updates,
             "num_rounds": self.num_rounds,
+            "host_state": host_states(self.actor, self.critic),
         }
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
@@ -380,3 +381,4 @@ class MTPPO:
         self.generator.set_state(state["generator"].cpu() if self.device.type == "cpu" else state["generator"])
         self.num_updates = int(state["num_updates"])
         self.num_rounds = int(state["num_rounds"])
+        load_host_states(state.get("host_state", {}), self.actor, self.critic)

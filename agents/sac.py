@@ -148,7 +148,7 @@ def method_step(name: str, module: nn.Module, opt: torch.optim.Optimizer, method
     for m in hooks:
         changed |= bool(m.after_step({"role": name, "num_updates": num_updates, "loss_fn": loss_fn, "batch": batch,
                                       "params": dict(module.named_parameters()), "task_ids": task_ids,
-                                      "info": info}))
+                                      "info": info, "optimizer": opt}))
     return info, changed
 
 
@@ -172,6 +172,28 @@ def wire_methods(agent: Any, num_tasks: int, method: str, method_kwargs: Optiona
     agent.generator = torch.Generator(device=agent.device)
     agent.generator.manual_seed(seed)
     agent.num_updates = 0
+
+
+def host_states(*modules: nn.Module) -> Dict[str, Any]:
+    """State that backbones keep outside parameters and buffers (MENTOR snapshots, harmony gradient EMAs...):
+    every submodule with ``host_state()`` contributes ``{"<i>.<module name>": host_state()}`` (plain tensors and
+    numbers, so a ``weights_only`` checkpoint can hold it). Not part of ``state_dict``: the workers' policy copies
+    never need it."""
+    out: Dict[str, Any] = {}
+    for i, mod in enumerate(modules):
+        for name, m in mod.named_modules():
+            fn = getattr(m, "host_state", None)
+            if callable(fn):
+                out[f"{i}.{name}"] = fn()
+    return out
+
+
+def load_host_states(states: Dict[str, Any], *modules: nn.Module) -> None:
+    for i, mod in enumerate(modules):
+        for name, m in mod.named_modules():
+            key = f"{i}.{name}"
+            if key in states and callable(getattr(m, "load_host_state", None)):
+                m.load_host_state(states[key])
 
 
 class MTSAC:
@@ -331,6 +353,7 @@ class MTSAC:
             "actor_method": self.actor_method.state_dict(),
             "generator": self.generator.get_state(),
             "num_updates": self.num_updates,
+            "host_state": host_states(self.actor, self.critic),
         }
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
@@ -346,6 +369,7 @@ class MTSAC:
         self.actor_method.load_state_dict(state["actor_method"])
         self.generator.set_state(state["generator"].cpu() if self.device.type == "cpu" else state["generator"])
         self.num_updates = int(state["num_updates"])
+        load_host_states(state.get("host_state", {}), self.actor, self.critic)
 
 
 def build_actor(obs_dim: int, act_dim: int, num_tasks: int, cfg: SACConfig, backbone: str,
