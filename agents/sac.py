@@ -13,6 +13,10 @@ parameters — ``mtsac`` averages them. Per task t, with y = r + γ (1 − termi
 
 Padded action dimensions (``action_mask``) are forced to 0 and excluded from log π, so a task with fewer actions
 has its own entropy target. Time-limit truncation bootstraps (the replay stores ``terminated`` only).
+
+A backbone with ``context_len`` K > 0 (``t2mir`` with task ids hidden) reads the task from K recent transitions:
+the batch then carries ``context`` (T, B, K, D), the same context serves s and s′ of a sample, and the first two
+rows' contexts of every task are the backbone's contrastive views (``contrast``, bound unvmapped).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from __future__ import annotations
 import copy
 import functools
 import math
-from typing import Any, Dict, Optional, Set
+from typing import Any, Dict, Optional, Set, Tuple
 
 import numpy as np
 import torch
@@ -30,6 +34,7 @@ from torch.func import functional_call
 from mtrl.config import SACConfig
 from mtrl.gradients import get_method, task_losses
 from mtrl.nets import build_backbone
+from mtrl.nets.context import with_transition_dim
 
 
 def _prefixed_task_specific(module: nn.Module, prefix: str) -> Set[str]:
@@ -57,12 +62,16 @@ class Actor(nn.Module):
     def __init__(self, obs_dim: int, act_dim: int, num_tasks: int, backbone: str, backbone_kwargs: Dict[str, Any],
                  log_std_min: float, log_std_max: float) -> None:
         super().__init__()
-        self.net = build_backbone(backbone, obs_dim, 2 * act_dim, num_tasks, **backbone_kwargs)
+        self.net = build_backbone(backbone, obs_dim, 2 * act_dim, num_tasks,
+                                  **with_transition_dim(backbone, backbone_kwargs, obs_dim, act_dim))
+        self.context_len = int(getattr(self.net, "context_len", 0))
         self.act_dim = act_dim
         self.log_std_min, self.log_std_max = log_std_min, log_std_max
 
-    def forward(self, obs: Tensor, task: Tensor, return_aux: bool = False):
-        out = self.net(obs, task, return_aux=True) if return_aux else self.net(obs, task)
+    def forward(self, obs: Tensor, task: Tensor, return_aux: bool = False, context: Optional[Tensor] = None,
+                contrast: Optional[Tensor] = None):
+        kw = context_kwargs(context, contrast if return_aux else None)
+        out = self.net(obs, task, return_aux=True, **kw) if return_aux else self.net(obs, task, **kw)
         aux = None
         if return_aux:
             out, aux = out
@@ -72,14 +81,14 @@ class Actor(nn.Module):
         log_std = self.log_std_min + 0.5 * (self.log_std_max - self.log_std_min) * (log_std + 1)
         return (mean, log_std, aux) if return_aux else (mean, log_std)
 
-    def sample(self, obs: Tensor, task: Tensor, eps: Tensor, mask: Tensor):
+    def sample(self, obs: Tensor, task: Tensor, eps: Tensor, mask: Tensor, context: Optional[Tensor] = None):
         """Reparameterised action and its log-probability over the real (unmasked) dimensions."""
-        return squash(*self(obs, task), eps, mask)
+        return squash(*self(obs, task, context=context), eps, mask)
 
     @torch.no_grad()
     def act(self, obs: Tensor, task: Tensor, mask: Tensor, deterministic: bool,
-            generator: Optional[torch.Generator] = None) -> Tensor:
-        mean, log_std = self(obs, task)
+            generator: Optional[torch.Generator] = None, context: Optional[Tensor] = None) -> Tensor:
+        mean, log_std = self(obs, task, context=context)
         if deterministic:
             return torch.tanh(mean) * mask
         eps = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=mean.device)
@@ -90,15 +99,34 @@ class TwinQ(nn.Module):
     def __init__(self, obs_dim: int, act_dim: int, num_tasks: int, backbone: str,
                  backbone_kwargs: Dict[str, Any]) -> None:
         super().__init__()
-        self.q1 = build_backbone(backbone, obs_dim + act_dim, 1, num_tasks, **backbone_kwargs)
-        self.q2 = build_backbone(backbone, obs_dim + act_dim, 1, num_tasks, **backbone_kwargs)
+        bk = with_transition_dim(backbone, backbone_kwargs, obs_dim, act_dim)
+        self.q1 = build_backbone(backbone, obs_dim + act_dim, 1, num_tasks, **bk)
+        self.q2 = build_backbone(backbone, obs_dim + act_dim, 1, num_tasks, **bk)
 
-    def forward(self, obs: Tensor, act: Tensor, task: Tensor, return_aux: bool = False):
+    def forward(self, obs: Tensor, act: Tensor, task: Tensor, return_aux: bool = False,
+                context: Optional[Tensor] = None, contrast: Optional[Tensor] = None):
         x = torch.cat([obs, act], dim=-1)
         if return_aux:
-            (q1, a1), (q2, a2) = self.q1(x, task, return_aux=True), self.q2(x, task, return_aux=True)
+            kw = context_kwargs(context, contrast)
+            (q1, a1), (q2, a2) = self.q1(x, task, return_aux=True, **kw), self.q2(x, task, return_aux=True, **kw)
             return q1.squeeze(-1), q2.squeeze(-1), a1 + a2
-        return self.q1(x, task).squeeze(-1), self.q2(x, task).squeeze(-1)
+        kw = context_kwargs(context, None)
+        return self.q1(x, task, **kw).squeeze(-1), self.q2(x, task, **kw).squeeze(-1)
+
+
+def context_kwargs(context: Optional[Tensor], contrast: Optional[Tensor]) -> Dict[str, Tensor]:
+    """Keyword arguments for a backbone call: only the ones given, so backbones without contexts never see them."""
+    kw = {}
+    if context is not None:
+        kw["context"] = context
+    if contrast is not None:
+        kw["contrast"] = contrast
+    return kw
+
+
+def contrast_views(context: Tensor) -> Tensor:
+    """(T, 2, K, D): two contexts of every task (its first two batch rows; the first twice when B = 1)."""
+    return context[:, :2] if context.shape[1] >= 2 else context[:, [0, 0]]
 
 
 def has_aux_loss(module: nn.Module) -> bool:
@@ -210,6 +238,7 @@ class MTSAC:
         self.actor = Actor(obs_dim, act_dim, num_tasks, backbone, bk, cfg.log_std_min, cfg.log_std_max).to(self.device)
         self.critic = TwinQ(obs_dim, act_dim, num_tasks, backbone, bk).to(self.device)
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
+        self.context_len = self.actor.context_len  # > 0: batches must carry "context" (T, B, K, D)
         self.log_alpha = nn.Parameter(torch.full((num_tasks,), math.log(cfg.init_alpha), device=self.device))
         self.action_mask = torch.as_tensor(action_mask, dtype=torch.float32, device=self.device)
         self.target_entropy = -self.action_mask.sum(-1)
@@ -219,28 +248,44 @@ class MTSAC:
         wire_methods(self, num_tasks, method, method_kwargs, actor_method, seed)
 
     # --- per-task losses (one task's slice; vmapped over the task axis) ---------------------------------------
-    def critic_loss_one(self, params: Dict[str, Tensor], b: Dict[str, Tensor], task: Tensor) -> Tensor:
+    def critic_loss_one(self, params: Dict[str, Tensor], b: Dict[str, Tensor], task: Tensor, *,
+                        contrast: Optional[Tensor] = None) -> Tensor:
+        """``contrast`` (all tasks' contrastive contexts, context backbones only) is bound unvmapped."""
+        ctx = context_kwargs(b.get("context"), None)
         if self.critic_aux:
-            q1, q2, aux = functional_call(self.critic, params, (b["obs"], b["action"], task), {"return_aux": True})
+            q1, q2, aux = functional_call(self.critic, params, (b["obs"], b["action"], task),
+                                          {"return_aux": True, **context_kwargs(b.get("context"), contrast)})
         else:
-            (q1, q2), aux = functional_call(self.critic, params, (b["obs"], b["action"], task)), 0.0
+            (q1, q2), aux = functional_call(self.critic, params, (b["obs"], b["action"], task), ctx), 0.0
         y = b["target"]
         return 0.5 * ((q1 - y).pow(2).mean() + (q2 - y).pow(2).mean()) + aux
 
     def actor_loss_one(self, params: Dict[str, Tensor], b: Dict[str, Tensor], task: Tensor, *,
-                       critic_params: Dict[str, Tensor]) -> Tensor:
-        """``critic_params`` (detached, shared by every task) is bound with functools.partial: not vmapped."""
+                       critic_params: Dict[str, Tensor], contrast: Optional[Tensor] = None) -> Tensor:
+        """``critic_params`` (detached, shared by every task) and ``contrast`` are bound with functools.partial:
+        not vmapped."""
+        ctx = context_kwargs(b.get("context"), None)
         if self.actor_aux:
-            mean, log_std, aux = functional_call(self.actor, params, (b["obs"], task), {"return_aux": True})
+            mean, log_std, aux = functional_call(self.actor, params, (b["obs"], task),
+                                                 {"return_aux": True, **context_kwargs(b.get("context"), contrast)})
         else:
-            (mean, log_std), aux = functional_call(self.actor, params, (b["obs"], task)), 0.0
+            (mean, log_std), aux = functional_call(self.actor, params, (b["obs"], task), ctx), 0.0
         a, logp = squash(mean, log_std, b["eps"], b["mask"])
-        q1, q2 = functional_call(self.critic, critic_params, (b["obs"], a, task))
+        q1, q2 = functional_call(self.critic, critic_params, (b["obs"], a, task), ctx)
         return (b["alpha"] * logp - torch.min(q1, q2)).mean() + aux
 
     # --- the update -----------------------------------------------------------------------------------------
-    def _flat(self, x: Tensor) -> Tensor:
-        return x.reshape(-1, *x.shape[2:])
+    def _flat(self, x: Optional[Tensor]) -> Optional[Tensor]:
+        return None if x is None else x.reshape(-1, *x.shape[2:])
+
+    def _context(self, batch: Dict[str, Tensor]) -> Tuple[Optional[Tensor], Dict[str, Tensor]]:
+        """(the batch's context or None, the keyword to bind into the loss functions)."""
+        if not self.context_len:
+            return None, {}
+        if batch.get("context") is None:
+            raise ValueError(f"this backbone reads the task from context: the batch needs 'context' of shape "
+                             f"(T, B, {self.context_len}, D) (MultiTaskReplay.sample(..., context_len=K))")
+        return batch["context"], {"contrast": contrast_views(batch["context"])}
 
     def compute_targets(self, batch: Dict[str, Tensor], alpha: Tensor) -> Tensor:
         T, B = batch["reward"].shape
@@ -249,8 +294,9 @@ class MTSAC:
             mask = self.action_mask.repeat_interleave(B, dim=0)
             eps = torch.randn((T * B, self.act_dim), generator=self.generator, device=self.device)
             next_obs = self._flat(batch["next_obs"])
-            a2, logp2 = self.actor.sample(next_obs, tasks, eps, mask)
-            q1, q2 = self.critic_target(next_obs, a2, tasks)
+            ctx = self._flat(batch.get("context")) if self.context_len else None
+            a2, logp2 = self.actor.sample(next_obs, tasks, eps, mask, context=ctx)
+            q1, q2 = self.critic_target(next_obs, a2, tasks, context=ctx)
             v = (torch.min(q1, q2) - alpha.repeat_interleave(B) * logp2).view(T, B)
             return batch["reward"] + self.cfg.gamma * (1.0 - batch["terminated"]) * v
 
@@ -260,10 +306,13 @@ class MTSAC:
         T, B = batch["reward"].shape
         alpha = self.log_alpha.detach().exp()
         info: Dict[str, Tensor] = {}
+        context, bind = self._context(batch)
+        extra = {} if context is None else {"context": context}
 
         target = self.compute_targets(batch, alpha)
-        cb = {"obs": batch["obs"], "action": batch["action"], "target": target}
-        cinfo = self._step("critic", self.critic, self.critic_opt, self.critic_method, self.critic_loss_one, cb,
+        cb = {"obs": batch["obs"], "action": batch["action"], "target": target, **extra}
+        critic_loss = functools.partial(self.critic_loss_one, **bind) if bind else self.critic_loss_one
+        cinfo = self._step("critic", self.critic, self.critic_opt, self.critic_method, critic_loss, cb,
                            self.critic_task_specific)
         info["critic_losses"] = cinfo["losses"]
         info["critic_diag"] = cinfo  # type: ignore[assignment]
@@ -274,7 +323,7 @@ class MTSAC:
             # Temperature: log π from a no-grad pass on the same noise the actor step uses (SB3's ordering).
             with torch.no_grad():
                 _, logp = self.actor.sample(self._flat(batch["obs"]), self.task_ids.repeat_interleave(B),
-                                            self._flat(eps), self._flat(mask))
+                                            self._flat(eps), self._flat(mask), context=self._flat(context))
                 logp = logp.view(T, B)
             alpha_losses = -(self.log_alpha[:, None] * (logp + self.target_entropy[:, None])).mean(1)
             _check_finite("alpha", alpha_losses)
@@ -284,8 +333,8 @@ class MTSAC:
             info["alpha_losses"] = alpha_losses.detach()
             info["entropy"] = -logp.mean(1)
 
-            actor_loss = functools.partial(self.actor_loss_one, critic_params=self._frozen_critic())
-            ab = {"obs": batch["obs"], "eps": eps, "mask": self.action_mask, "alpha": alpha}
+            actor_loss = functools.partial(self.actor_loss_one, critic_params=self._frozen_critic(), **bind)
+            ab = {"obs": batch["obs"], "eps": eps, "mask": self.action_mask, "alpha": alpha, **extra}
             ainfo = self._step("actor", self.actor, self.actor_opt, self.actor_method, actor_loss, ab,
                                self.actor_task_specific)
             info["actor_losses"] = ainfo["losses"]
@@ -319,19 +368,22 @@ class MTSAC:
         """Per-task losses (T,) for critic, actor and α on a batch, without updating anything."""
         T, B = batch["reward"].shape
         alpha = self.log_alpha.detach().exp()
+        context, bind = self._context(batch)
+        extra = {} if context is None else {"context": context}
         target = self.compute_targets(batch, alpha)
         cparams = self._frozen_critic()
         aparams = {k: v.detach() for k, v in self.actor.named_parameters()}
         eps = torch.randn((T, B, self.act_dim), generator=self.generator, device=self.device)
         with torch.no_grad():
-            critic = task_losses(self.critic_loss_one, cparams,
-                                 {"obs": batch["obs"], "action": batch["action"], "target": target}, self.task_ids)
-            ab = {"obs": batch["obs"], "eps": eps, "mask": self.action_mask, "alpha": alpha}
-            actor = task_losses(functools.partial(self.actor_loss_one, critic_params=cparams), aparams, ab,
+            critic = task_losses(functools.partial(self.critic_loss_one, **bind), cparams,
+                                 {"obs": batch["obs"], "action": batch["action"], "target": target, **extra},
+                                 self.task_ids)
+            ab = {"obs": batch["obs"], "eps": eps, "mask": self.action_mask, "alpha": alpha, **extra}
+            actor = task_losses(functools.partial(self.actor_loss_one, critic_params=cparams, **bind), aparams, ab,
                                 self.task_ids)
             mask = self.action_mask[:, None, :].expand(T, B, self.act_dim)
             _, logp = self.actor.sample(self._flat(batch["obs"]), self.task_ids.repeat_interleave(B),
-                                        self._flat(eps), self._flat(mask))
+                                        self._flat(eps), self._flat(mask), context=self._flat(context))
             alpha_l = -(self.log_alpha[:, None] * (logp.view(T, B) + self.target_entropy[:, None])).mean(1)
         return {"critic": critic, "actor": actor, "alpha": alpha_l}
 

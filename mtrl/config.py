@@ -299,10 +299,17 @@ def validate(cfg: Config) -> None:
             not {"tasks", "suite"} & set(cfg.backbone_kwargs):
         # Derived setting, stored in config.yaml: a custom 10-task list must not be mistaken for MT10's order.
         cfg.backbone_kwargs["tasks"] = suite.task_names
+    from mtrl.nets.context import with_transition_dim
+
     try:
-        build_backbone(cfg.backbone, 4, 2, suite.num_tasks, **cfg.backbone_kwargs)
+        bb = build_backbone(cfg.backbone, 4, 2, suite.num_tasks,
+                            **with_transition_dim(cfg.backbone, cfg.backbone_kwargs, suite.obs_dim, suite.act_dim))
     except (TypeError, ValueError) as e:
         raise ConfigError(f"backbone {cfg.backbone!r}: {str(e).splitlines()[0]}") from None
+    if getattr(bb, "context_len", 0) and cfg.algo != "sac":
+        # PPO's rollouts and minibatches do not carry per-step contexts (see mtrl/nets/context.py).
+        raise ConfigError(f"backbone {cfg.backbone!r} with task ids hidden (use_task_id=false) runs with algo 'sac' "
+                          f"only; got algo {cfg.algo!r}")
 
 
 def _validate_ppo(cfg: Config) -> None:

@@ -7,27 +7,65 @@ mean over tasks. DeepMind Control: mean undiscounted return over ``num_episodes`
 
 Evaluation envs are built fresh for every evaluation, seeded from ``eval_seed``, so two evaluations of the same
 weights with the same seed give the same numbers.
+
+A policy that reads the task from context (``policy.context_len`` > 0) gets one :class:`ContextWindow` per env,
+empty when the evaluation starts and carried across that env's episodes, as in training.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import gymnasium as gym
 import numpy as np
 import torch
 
+from mtrl.nets.context import ContextWindow, transition_dim
+
+
+def context_window(policy: torch.nn.Module, n: int, obs_dim: int, act_dim: int) -> Optional[ContextWindow]:
+    """A fresh window for ``n`` envs when the policy reads context, else None."""
+    K = int(getattr(policy, "context_len", 0))
+    return ContextWindow(n, K, transition_dim(obs_dim, act_dim)) if K else None
+
+
+def window_tensor(window: Optional[ContextWindow]) -> Optional[torch.Tensor]:
+    return None if window is None else window.tensor()
+
+
+class RecordContext(gym.Wrapper):
+    """Pushes every (s, a, r, s′) of the wrapped env into row ``i`` of a shared :class:`ContextWindow`; s′ is the
+    true next observation (before any reset), as in the rollout workers."""
+
+    def __init__(self, env: gym.Env, window: ContextWindow, i: int) -> None:
+        super().__init__(env)
+        self.window, self.i = window, i
+        self._obs: Any = None
+
+    def reset(self, **kwargs: Any):
+        obs, info = self.env.reset(**kwargs)
+        self._obs = obs
+        return obs, info
+
+    def step(self, action: Any):
+        obs, r, te, tr, info = self.env.step(action)
+        self.window.push(self.i, self._obs, np.asarray(action, np.float32), float(r), obs)
+        self._obs = obs
+        return obs, r, te, tr, info
+
 
 class _MetaWorldAgent:
     """The ``metaworld.evaluation.Agent`` protocol over our actor: the task index of each sub-env is known."""
 
-    def __init__(self, policy: torch.nn.Module, tids: torch.Tensor, mask: torch.Tensor) -> None:
-        self.policy, self.tids, self.mask = policy, tids, mask
+    def __init__(self, policy: torch.nn.Module, tids: torch.Tensor, mask: torch.Tensor,
+                 window: Optional[ContextWindow] = None) -> None:
+        self.policy, self.tids, self.mask, self.window = policy, tids, mask, window
 
     def eval_action(self, observations: np.ndarray) -> np.ndarray:
         obs = torch.as_tensor(observations, dtype=torch.float32)
-        return self.policy.act(obs, self.tids, self.mask, deterministic=True).numpy()
+        return self.policy.act(obs, self.tids, self.mask, deterministic=True,
+                               context=window_tensor(self.window)).numpy()
 
     def reset(self, env_mask: np.ndarray) -> None:
         del env_mask  # the policy is memoryless
@@ -42,10 +80,16 @@ def _eval_metaworld(suite, task_indices: Sequence[int], policy, mask, num_episod
     from envs.make import make_metaworld
 
     names = [suite.tasks[t].name for t in task_indices]
-    envs = gym.vector.SyncVectorEnv([partial(make_metaworld, n, goal_seed=goal_seed, seed=eval_seed + t, evaluation=True) for n, t in zip(names, task_indices)],
+    window = context_window(policy, len(names), suite.obs_dim, suite.act_dim)
+
+    def make(i: int, n: str, t: int) -> gym.Env:
+        env = make_metaworld(n, goal_seed=goal_seed, seed=eval_seed + t, evaluation=True)
+        return env if window is None else RecordContext(env, window, i)
+
+    envs = gym.vector.SyncVectorEnv([partial(make, i, n, t) for i, (n, t) in enumerate(zip(names, task_indices))],
                                     autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
     try:
-        agent = _MetaWorldAgent(policy, torch.as_tensor(list(task_indices)), mask[: len(task_indices)])
+        agent = _MetaWorldAgent(policy, torch.as_tensor(list(task_indices)), mask[: len(task_indices)], window)
         _, _, success, returns = evaluation(agent, envs, num_episodes=num_episodes)
     finally:
         envs.close()
@@ -57,13 +101,17 @@ def _eval_dmc(suite, t: int, policy, mask_row: torch.Tensor, num_episodes: int, 
     from envs import make_env
 
     env = make_env(suite.tasks[t], suite.obs_dim, suite.act_dim, goal_seed=0, seed=eval_seed + t)
+    window = context_window(policy, 1, suite.obs_dim, suite.act_dim)
+    if window is not None:
+        env = RecordContext(env, window, 0)
     returns: List[float] = []
     tid = torch.as_tensor([t])
     for ep in range(num_episodes):
         obs, _ = env.reset(seed=eval_seed + 1000 * t + ep)
         total, done = 0.0, False
         while not done:
-            a = policy.act(torch.as_tensor(obs[None], dtype=torch.float32), tid, mask_row[None], True).numpy()[0]
+            a = policy.act(torch.as_tensor(obs[None], dtype=torch.float32), tid, mask_row[None], True,
+                           context=window_tensor(window)).numpy()[0]
             obs, r, te, tr, _ = env.step(a)
             total += r
             done = te or tr

@@ -53,17 +53,37 @@ class MultiTaskReplay:
     def can_sample(self, batch_per_task: int) -> bool:
         return bool(np.all(self.size >= min(batch_per_task, self.capacity)))
 
-    def sample(self, batch_per_task: int, device: Optional[torch.device] = None) -> Dict[str, torch.Tensor]:
-        """A dict of (T, B, ...) float32 tensors: obs, action, reward, next_obs, terminated."""
+    def sample(self, batch_per_task: int, device: Optional[torch.device] = None,
+               context_len: int = 0) -> Dict[str, torch.Tensor]:
+        """A dict of (T, B, ...) float32 tensors: obs, action, reward, next_obs, terminated; with ``context_len``
+        K > 0 also ``context`` (T, B, K, D): the K transitions stored before each sampled one in its task's ring
+        (see ``mtrl.nets.context``)."""
         if np.any(self.size == 0):
             empty = [int(t) for t in np.flatnonzero(self.size == 0)]
             raise RuntimeError(f"cannot sample: no transitions yet for task index(es) {empty}")
         idx = (self.rng.random((self.num_tasks, batch_per_task)) * self.size[:, None]).astype(np.int64)
         rows = np.arange(self.num_tasks)[:, None]
         out = {name: torch.from_numpy(getattr(self, name)[rows, idx]) for name in FIELDS}
+        if context_len > 0:
+            out["context"] = torch.from_numpy(self.contexts(idx, context_len))
         if device is not None and device.type != "cpu":
             out = {k: v.to(device, non_blocking=True) for k, v in out.items()}
         return out
+
+    def contexts(self, idx: np.ndarray, K: int) -> np.ndarray:
+        """(T, B, K, D) windows: for stored index i of task t, entries i-K .. i-1 of that task in insertion order,
+        oldest first; positions before the oldest stored entry are zero (validity flag 0)."""
+        from mtrl.nets.context import pack
+
+        C = self.capacity
+        oldest = np.where(self.size == C, self.pos, 0)[:, None]             # (T, 1) ring index of the oldest
+        age = (idx - oldest) % C                                              # (T, B) insertion rank of i
+        back = np.arange(K, 0, -1)                                            # K .. 1 steps back, oldest first
+        src = (idx[..., None] - back) % C                                     # (T, B, K)
+        valid = (age[..., None] >= back).astype(np.float32)
+        rows = np.arange(self.num_tasks)[:, None, None]
+        ctx = pack(self.obs[rows, src], self.action[rows, src], self.reward[rows, src], self.next_obs[rows, src])
+        return ctx * valid[..., None]
 
     def __len__(self) -> int:
         return int(self.size.sum())

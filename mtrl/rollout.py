@@ -15,6 +15,8 @@ import gymnasium as gym
 import numpy as np
 import torch
 
+from mtrl.nets.context import ContextWindow, transition_dim
+
 
 @dataclass
 class WorkerSpec:
@@ -72,6 +74,9 @@ class RolloutWorker:
         self.policy = Actor(s.obs_dim, s.act_dim, s.num_tasks, spec.backbone, dict(spec.backbone_kwargs),
                             spec.log_std_min, spec.log_std_max)
         self.policy.eval()
+        # A policy that reads the task from recent transitions (t2mir, task ids hidden) gets each env's window.
+        K = int(getattr(self.policy, "context_len", 0))
+        self.window = ContextWindow(len(self.envs), K, transition_dim(s.obs_dim, s.act_dim)) if K else None
         self.mask = torch.as_tensor(s.action_mask[self.task_indices], dtype=torch.float32)
         self.tids = torch.as_tensor(self.task_indices, dtype=torch.long)
         self.rng = np.random.default_rng(spec.policy_seed)
@@ -100,7 +105,8 @@ class RolloutWorker:
                 "ep_len": torch.from_numpy(self.ep_len.copy()),
                 "ep_success": torch.from_numpy(self.ep_success.copy()),
                 "rng": json.dumps(self.rng.bit_generator.state), "gen": self.gen.get_state(),
-                "policy": self.policy.state_dict()}
+                "policy": self.policy.state_dict(),
+                **({"window": self.window.get_state()} if self.window is not None else {})}
 
     def set_state(self, state: Dict[str, Any]) -> None:
         import json
@@ -117,6 +123,8 @@ class RolloutWorker:
         self.rng.bit_generator.state = json.loads(state["rng"])
         self.gen.set_state(state["gen"])
         self.policy.load_state_dict(state["policy"])
+        if self.window is not None and "window" in state:
+            self.window.set_state(state["window"])
 
     def ping(self) -> int:
         return os.getpid()
@@ -126,7 +134,8 @@ class RolloutWorker:
 
     def _actions(self, deterministic: bool = False) -> np.ndarray:
         obs = torch.as_tensor(self.obs, dtype=torch.float32)
-        act = self.policy.act(obs, self.tids, self.mask, deterministic, generator=self.gen).numpy()
+        ctx = self.window.tensor() if self.window is not None else None
+        act = self.policy.act(obs, self.tids, self.mask, deterministic, generator=self.gen, context=ctx).numpy()
         random = self.steps < self.spec.learning_starts
         if random.any():
             uni = self.rng.uniform(-1.0, 1.0, size=act.shape).astype(np.float32) * self.mask.numpy()
@@ -146,8 +155,11 @@ class RolloutWorker:
                              int(self.ep_len[i])))
             self.ep_ret[i], self.ep_len[i], self.ep_success[i] = 0.0, 0, False
             o2, _ = self._env_call(i, "reset")
+        stored = float("nan") if self.nan_reward[i] else r
+        if self.window is not None:  # the same transition the replay stores, so contexts match the learner's
+            self.window.push(i, self.obs[i], action, stored, nxt)
         self.obs[i] = o2
-        return nxt, (float("nan") if self.nan_reward[i] else r), te, tr
+        return nxt, stored, te, tr
 
     def collect(self, n_steps: int) -> Dict[str, Any]:
         """Step every owned env ``n_steps`` times. Returns per-task transition arrays and finished episodes."""

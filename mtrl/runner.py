@@ -363,7 +363,7 @@ class Trainer:
 
     def _update(self) -> None:
         cfg = self.cfg
-        batch = self.replay.sample(cfg.sac.batch_size, self.device)
+        batch = self.replay.sample(cfg.sac.batch_size, self.device, context_len=self.agent.context_len)
         try:
             info = self.agent.update(batch)
         except NonFiniteLoss as e:

@@ -221,9 +221,14 @@ def render_episodes(suite, t: int, policy, mask_row, goal_seed: int, eval_seed: 
 
     from envs import make_env
 
+    from mtrl.evaluation import RecordContext, context_window, window_tensor
+
     env = make_env(suite.tasks[t], suite.obs_dim, suite.act_dim, goal_seed=goal_seed, seed=eval_seed + t,
                    evaluation=True)
     frames_of = _Frames(env, *size)
+    window = context_window(policy, 1, suite.obs_dim, suite.act_dim)  # policies that read the task from context
+    if window is not None:
+        env = RecordContext(env, window, 0)
     frames, stats = [], []
     tid = torch.as_tensor([t])
     try:
@@ -233,7 +238,8 @@ def render_episodes(suite, t: int, policy, mask_row, goal_seed: int, eval_seed: 
             frames.append(frames_of())
             while not done:
                 with torch.no_grad():
-                    a = policy.act(torch.as_tensor(obs[None], dtype=torch.float32), tid, mask_row[None], True)
+                    a = policy.act(torch.as_tensor(obs[None], dtype=torch.float32), tid, mask_row[None], True,
+                                   context=window_tensor(window))
                 obs, r, te, tr, info = env.step(a.numpy()[0])
                 ret += float(r)
                 step += 1

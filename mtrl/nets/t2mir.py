@@ -26,15 +26,23 @@ Network::
 * Both aux terms are returned with ``return_aux=True`` (added to every task's loss).
 * Execution is dense (all experts run, then weighted): vmap cannot sort tokens by expert. No FLOP saving.
 
-``use_task_id=false`` (the spec's in-context version: z from a :class:`ContextEncoder` over K recent transitions
-of the task) needs per-sample contexts from the replay, which are not plumbed into the SAC batch yet: it raises
-ValueError. :class:`ContextEncoder` and :func:`info_nce` are complete and tested on their own.
+Task ids hidden (``use_task_id=false``, T2MIR's own setting: the task is implicit in the context): z =
+:class:`ContextEncoder` over the K = ``context_len`` (16) most recent transitions (s, a, r, s′) of the env, a
+per-transition MLP (``context_hidden`` = 128) averaged over the real entries of the window (``mtrl.nets.context``).
+The output then does not depend on ``task_id`` at all; the task label is used only by the contrastive loss at
+training time, as in T2MIR. Rollout workers and evaluation keep each env's window; the learner draws, for each
+sampled transition, the K transitions stored before it in its task's replay (the window the worker acted with).
+The InfoNCE views are two different contexts of each task (the contexts of that task's first two batch rows,
+passed to every task's slice as ``contrast`` (T, 2, K, D)): q = online task gate on enc(view 1), k = EMA target
+gate on enc(view 2) detached — T2MIR's positive pair of one task under independently drawn contexts, the other
+tasks as negatives. With task ids hidden the routing is per sample (each row has its own context). Supported
+with ``--algo sac``; PPO's rollouts do not carry contexts (refused by the config check).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -77,26 +85,34 @@ def info_nce(q: Tensor, k: Tensor, w: Tensor) -> Tensor:
 
 
 class ContextEncoder(nn.Module):
-    """Task representation from K transitions (s, a, r, s′): per-transition MLP, mean over K, Linear -> out_dim.
-    Input (…, K, transition_dim) -> (…, out_dim)."""
+    """Task representation from K transitions (s, a, r, s′[, valid]): per-transition MLP, mean over K, Linear ->
+    out_dim. Input (…, K, transition_dim) -> (…, out_dim). With ``masked=True`` the last input channel is the
+    validity flag of ``mtrl.nets.context`` and the mean runs over valid entries only (an empty window gives
+    ``out(0)``)."""
 
-    def __init__(self, transition_dim: int, out_dim: int, hidden: int = 128) -> None:
+    def __init__(self, transition_dim: int, out_dim: int, hidden: int = 128, masked: bool = False) -> None:
         super().__init__()
+        self.masked = masked
         self.phi = nn.Sequential(nn.Linear(transition_dim, hidden), nn.LeakyReLU(), nn.Linear(hidden, hidden),
                                  nn.LeakyReLU())
         self.out = nn.Linear(hidden, out_dim)
 
     def forward(self, transitions: Tensor) -> Tensor:
-        return self.out(self.phi(transitions).mean(dim=-2))
+        h = self.phi(transitions)
+        if not self.masked:
+            return self.out(h.mean(dim=-2))
+        valid = transitions[..., -1:]
+        return self.out((h * valid).sum(-2) / valid.sum(-2).clamp_min(1.0))
 
 
 @register("t2mir")
 class T2MIR(Backbone):
     has_aux_loss = True
+    takes_transition_dim = True  # the agent fills in transition_dim (mtrl.nets.context.with_transition_dim)
     DEFAULTS: Dict[str, Any] = dict(width=400, depth=1, task_dim=64, token_experts=6, token_top_k=2,
                                     task_experts=8, task_top_k=2, expert_hidden=None, expert_dropout=0.05,
                                     noisy=True, balance_coef=0.1, contrastive_coef=0.01, target_tau=0.005,
-                                    use_task_id=True)
+                                    use_task_id=True, context_len=16, context_hidden=128, transition_dim=None)
 
     def __init__(self, in_dim: int, out_dim: int, num_tasks: int, **options: Any) -> None:
         super().__init__(in_dim, out_dim, num_tasks)
@@ -105,9 +121,9 @@ class T2MIR(Backbone):
         width, depth = check_int(name, "width", o["width"], 2), check_int(name, "depth", o["depth"])
         if width % 2:
             raise ValueError(f"backbone 't2mir': width={width} must be even (two MoEs of width/2 each)")
-        if not check_bool(name, "use_task_id", o["use_task_id"]):
-            raise ValueError("backbone 't2mir': use_task_id=false (context-encoder task representation) is not "
-                             "wired yet: the replay does not supply per-sample transition contexts")
+        self.use_task_id = check_bool(name, "use_task_id", o["use_task_id"])
+        K = check_int(name, "context_len", o["context_len"])
+        ch = check_int(name, "context_hidden", o["context_hidden"])
         dz = check_int(name, "task_dim", o["task_dim"])
         Et, kt = check_int(name, "token_experts", o["token_experts"]), check_int(name, "token_top_k", o["token_top_k"])
         Ek, kk = check_int(name, "task_experts", o["task_experts"]), check_int(name, "task_top_k", o["task_top_k"])
@@ -121,7 +137,15 @@ class T2MIR(Backbone):
         self.contrastive_coef = check_float(name, "contrastive_coef", o["contrastive_coef"])
         self.target_tau = check_float(name, "target_tau", o["target_tau"], 0.0, 1.0)
         self.Et, self.kt, self.Ek, self.kk = Et, kt, Ek, kk
-        self.task_emb = nn.Parameter(torch.randn(num_tasks, dz) / math.sqrt(dz))
+        # context_len > 0 tells the agent, workers and evaluation to supply `context=` (mtrl.nets.context).
+        self.context_len = 0 if self.use_task_id else K
+        if self.use_task_id:
+            self.task_emb = nn.Parameter(torch.randn(num_tasks, dz) / math.sqrt(dz))
+        else:
+            if o["transition_dim"] is None:
+                raise ValueError("use_task_id=false needs transition_dim (filled in by the agent from the suite)")
+            self.encoder = ContextEncoder(check_int(name, "transition_dim", o["transition_dim"]), dz, ch,
+                                          masked=True)
         layers = []
         d = in_dim + dz
         for _ in range(depth):
@@ -162,16 +186,31 @@ class T2MIR(Backbone):
             load = (weights > 0).to(clean.dtype).sum(0)
         return weights, load, torch.softmax(clean, dim=-1)
 
-    def task_rep(self, task_id: Tensor, batch: int, dtype: torch.dtype) -> Tensor:
-        return task_one_hot(task_id, self.num_tasks, batch, dtype) @ self.task_emb
+    def task_rep(self, task_id: Tensor, batch: int, dtype: torch.dtype, context: Optional[Tensor] = None) -> Tensor:
+        """(B, task_dim): the task's embedding, or (task ids hidden) the encoding of each row's context."""
+        if self.use_task_id:
+            return task_one_hot(task_id, self.num_tasks, batch, dtype) @ self.task_emb
+        if context is None:
+            raise ValueError("backbone 't2mir' with use_task_id=false needs context= (B, K, transition_dim)")
+        return self.encoder(context)
+
+    def router_reps(self, contrast: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+        """(query, key) task representations (T, task_dim) of the two InfoNCE views; the key is detached."""
+        if self.use_task_id:
+            return self.task_emb, self.task_emb.detach()
+        if contrast is None:
+            raise ValueError("backbone 't2mir' with use_task_id=false needs contrast= (T, 2, K, transition_dim) "
+                             "for its auxiliary loss")
+        return self.encoder(contrast[:, 0]), self.encoder(contrast[:, 1]).detach()
 
     def target_logits(self, z: Tensor) -> Tensor:
         return F.linear(torch.tanh(F.linear(z, self.target_w1)), self.target_w2)
 
-    def contrastive(self, task_id: Tensor) -> Tensor:
+    def contrastive(self, task_id: Tensor, contrast: Optional[Tensor] = None) -> Tensor:
         """Task t's share of the symmetric InfoNCE over all tasks' router representations."""
-        q_all = self.task_gate(self.task_emb)                 # (T, E) online
-        k_all = self.target_logits(self.task_emb.detach())    # (T, E) target, no gradient
+        zq, zk = self.router_reps(contrast)
+        q_all = self.task_gate(zq)                            # (T, E) online
+        k_all = self.target_logits(zk)                        # (T, E) target, no gradient
         logits = q_all @ self.contrast_w @ k_all.T            # (T, T): [query task, key task]
         logits = logits - logits.max().detach()
         oh = task_one_hot(task_id, self.num_tasks, 1, logits.dtype)  # (1, T) or (B, T)
@@ -182,8 +221,8 @@ class T2MIR(Backbone):
         return (0.5 * (ce_row + ce_col)).mean()
 
     # -- forward -----------------------------------------------------------------------------------------------
-    def _parts(self, x: Tensor, task_id: Tensor):
-        z = self.task_rep(task_id, x.shape[0], x.dtype)
+    def _parts(self, x: Tensor, task_id: Tensor, context: Optional[Tensor] = None):
+        z = self.task_rep(task_id, x.shape[0], x.dtype, context)
         h = self.trunk(torch.cat([x, z], dim=-1))
         u = self.norm(h)
         tok_w, load, tok_p = self.token_route(u)
@@ -191,31 +230,56 @@ class T2MIR(Backbone):
         y = torch.cat([mix(tok_w, self.token_experts(u)), mix(task_w, self.task_experts(u))], dim=-1)
         return h + y, tok_w, load, tok_p, task_w
 
-    def forward(self, x: Tensor, task_id: Tensor, return_aux: bool = False):
-        h, tok_w, load, _, _ = self._parts(x, task_id)
+    def forward(self, x: Tensor, task_id: Tensor, return_aux: bool = False, context: Optional[Tensor] = None,
+                contrast: Optional[Tensor] = None):
+        h, tok_w, load, _, _ = self._parts(x, task_id, context)
         out = self.head(h)
         if not return_aux:
             return out
         balance = cv_squared(tok_w.sum(0)) + cv_squared(load)
-        aux = self.balance_coef * balance + self.contrastive_coef * self.contrastive(task_id)
+        aux = self.balance_coef * balance + self.contrastive_coef * self.contrastive(task_id, contrast)
         return out, aux
 
     @torch.no_grad()
     def after_step(self, ctx: Dict[str, Any]) -> bool:
         super().after_step(ctx)
+        b = ctx.get("batch") or {}
+        if not self.use_task_id and isinstance(b, dict) and b.get("context") is not None and self._last is not None:
+            c = b["context"]  # (T, B, K, D): keep the rows _record kept
+            keep = self._last[0].shape[0] // c.shape[0]
+            self._last_context = c[:, :keep].reshape(-1, *c.shape[2:])
         self.target_w1.lerp_(self.task_gate.w1.weight, self.target_tau)
         self.target_w2.lerp_(self.task_gate.w2.weight, self.target_tau)
         return False
 
     def _diagnostics(self, x: Tensor, task_id: Tensor) -> Dict[str, Any]:
-        _, tok_w, _, tok_p, _ = self._parts(x, task_id)
+        context = None
+        if not self.use_task_id:
+            context = getattr(self, "_last_context", None)
+            T = self.num_tasks
+            if context is None or context.shape[0] != x.shape[0] or x.shape[0] % T or not torch.equal(
+                    task_id, torch.arange(T, device=task_id.device).repeat_interleave(x.shape[0] // T)):
+                return {}  # only the rows recorded at the last update have known contexts
+        _, tok_w, _, tok_p, _ = self._parts(x, task_id, context)
         ids = torch.arange(self.num_tasks)
-        task_w, _ = topk_softmax(self.task_gate(self.task_emb), self.kk)  # (T, E_task)
-        logits = self.task_gate(self.task_emb) @ self.contrast_w @ self.target_logits(self.task_emb).T
+        if self.use_task_id:
+            z = self.task_emb
+            task_w, _ = topk_softmax(self.task_gate(z), self.kk)  # (T, E_task)
+            logits = self.task_gate(z) @ self.contrast_w @ self.target_logits(z).T
+        else:
+            # Recorded rows are task-major (T x n, see Backbone._record); each task's first and last halves of
+            # rows give its two views (their mean online / target gate logits).
+            T = self.num_tasks
+            n = x.shape[0] // T
+            zs = self.encoder(context).view(T, n, -1)
+            g = self.task_gate(zs)                                             # (T, n, E_task)
+            task_w = topk_softmax(g, self.kk)[0].mean(1)
+            h = max(n // 2, 1)
+            logits = g[:, :h].mean(1) @ self.contrast_w @ self.target_logits(zs[:, n - h:]).mean(1).T
         return {
             "token_expert_load": (tok_w > 0).float().mean(0) / self.kt,        # (E_tok,) share of top-k slots
             "token_gate_entropy": self.per_task_mean(entropy(tok_p), task_id),  # (T,)
             "task_expert_weights": task_w,                                     # (T, E_task)
-            "task_expert_load": task_w.mean(0),                                # (E_task,)
+            "task_expert_load": task_w.mean(0),                             # (E_task,)
             "router_contrastive_acc": (logits.argmax(1) == ids).float().mean(),
         }
