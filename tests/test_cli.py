@@ -30,6 +30,8 @@ CASES = [
     (["--suite", "mt10", "--set", "noequals"], "is not key=value"),
     (["--suite", "mt10", "--set", "backbone_kwargs.widht=3"], "backbone 'mlp':"),
     (["--suite", "mt10", "--set", "method_kwargs.c=3"], "method 'mtsac':"),
+    (["--suite", "mt10", "--algo", "ppo", "--backbone", "t2mir", "--set", "backbone_kwargs.use_task_id=false"],
+     "runs with algo 'sac' only"),
     (["--suite", "mt10", "--config", "/nonexistent.yaml"], "config file '/nonexistent.yaml' does not exist"),
     (["--resume", "/nonexistent_run"], "--resume '/nonexistent_run': no such run directory"),
     ([], "give --suite"),

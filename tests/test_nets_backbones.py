@@ -157,10 +157,12 @@ def test_t2mir_balance_and_contrastive_terms_reach_their_gates():
     assert all(g > 0 for g in _gate_grad(bb, list(bb.task_gate.parameters()) + [bb.contrast_w]))
 
 
-def test_t2mir_context_path_not_wired_and_encoder_shapes():
+def test_t2mir_context_mode_needs_transition_dim_and_encoder_shapes():
     from mtrl.nets.t2mir import ContextEncoder, info_nce
-    with pytest.raises(ValueError, match="not wired"):
+    with pytest.raises(ValueError, match="needs transition_dim"):
         build_backbone("t2mir", D, O, T, use_task_id=False)
+    assert build_backbone("t2mir", D, O, T, use_task_id=False, transition_dim=5, context_len=3).context_len == 3
+    assert build_backbone("t2mir", D, O, T).context_len == 0
     enc = ContextEncoder(transition_dim=5, out_dim=4)
     z = enc(torch.randn(3, 8, 5))
     assert z.shape == (3, 4)

@@ -17,18 +17,40 @@ import train  # noqa: E402
 BACKBONES = ["care", "harmony", "moe", "moore", "paco", "softmod", "t2mir"]
 
 
-def _run(tmp_path, backbone, method):
+def _run(tmp_path, backbone, method, *extra, workers="0"):
     run = tmp_path / f"{backbone}_{method}"
     rc = train.main(["--suite", "mt10", "--backbone", backbone, "--method", method, "--total-steps", "400",
-                     "--workers", "0", "--eval-every", "0", "--run-dir", str(run), *TINY])
+                     "--workers", workers, "--eval-every", "0", "--run-dir", str(run), *TINY, *extra])
     assert rc == 0
     res = json.loads((run / "results.json").read_text())
     assert res["final"]["env_steps"] >= 400 and res["final"]["updates"] > 0
     assert len(res["final"]["per_task"]) == 10
+    return run
 
 
 def test_train_mt10_moe_mtsac(tmp_path):
     _run(tmp_path, "moe", "mtsac")
+
+
+HIDDEN = ["--set", "backbone_kwargs.use_task_id=false", "--set", "backbone_kwargs.context_len=4",
+          "--set", "log_grad_every=10"]
+
+
+@pytest.mark.ray
+def test_train_mt10_t2mir_task_ids_hidden_on_ray_workers(tmp_path, ray_local):
+    """T2MIR's own setting: the task comes from the worker's context window; pcgrad on the per-task gradients."""
+    from conftest import scalars
+
+    run = _run(tmp_path, "t2mir", "pcgrad", *HIDDEN, workers="1")
+    tags = scalars(run)
+    assert "backbone/actor.net/router_contrastive_acc" in tags
+    assert any(t.startswith("backbone/critic.q1/task_expert_load/") for t in tags)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["mtsac", "pcgrad"])
+def test_train_mt10_t2mir_task_ids_hidden_in_process(tmp_path, method):
+    _run(tmp_path, "t2mir", method, *HIDDEN)
 
 
 @pytest.mark.slow

@@ -23,6 +23,9 @@ the output "prediction" head and all biases are never masked (``mask_input_layer
   masked tensors in proportion to their size (a per-layer budget, §3.5.4).
 * ``after_step`` returns True after a flip: SAC then copies the critic's masks into the target critic, which
   shares them (a small edit in agents/sac.py).
+* Checkpoints: the masks are buffers (in ``state_dict``); the score EMAs ĝ_t, F_t and the counters are host state
+  (``host_state()`` / ``load_host_state()``, tensors under string layer keys for a ``weights_only`` load), saved
+  in the agents' checkpoints, so a resumed run scores and flips as an uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -176,6 +179,35 @@ class HarmonyMasks(Backbone):
         if self._steps % self.opt["mask_interval"] == 0:
             return self.flip(self.eta(self._steps)) > 0
         return False
+
+    # -- checkpointing of the host-side state --------------------------------------------------------------------
+    def host_state(self) -> Dict[str, Any]:
+        """Score EMAs (copies: :meth:`update_scores` updates them in place) under ``str(layer)`` keys, and the
+        counters; readable by ``torch.load(weights_only=True)``."""
+        return {"ema_g": {str(i): g.detach().clone() for i, g in self._ema_g.items()},
+                "ema_g2": {str(i): g.detach().clone() for i, g in self._ema_g2.items()},
+                "steps": int(self._steps), "flips": int(self.flips), "last_k": int(self.last_k)}
+
+    def load_host_state(self, state: Dict[str, Any]) -> None:
+        """Restore :meth:`host_state` exactly (copied onto the weights' device: the EMAs are then updated in place).
+        A layer that is not masked here, or a shape that differs from its mask, raises ValueError."""
+        loaded = []
+        for key in ("ema_g", "ema_g2"):
+            out: Dict[int, Tensor] = {}
+            for k, g in state[key].items():
+                i = int(k)
+                if i not in self.masked or tuple(g.shape) != tuple(self.mask(i).shape):
+                    raise ValueError(f"backbone 'harmony': checkpointed {key}[{k}] does not match this network's "
+                                     f"masked layers")
+                w = self.layers[i].weight
+                out[i] = g.detach().to(device=w.device, dtype=w.dtype, copy=True)
+            loaded.append(out)
+        if set(loaded[0]) != set(loaded[1]):
+            raise ValueError("backbone 'harmony': checkpointed ema_g and ema_g2 cover different layers")
+        self._ema_g, self._ema_g2 = loaded
+        self._steps = int(state["steps"])
+        self.flips = int(state["flips"])
+        self.last_k = int(state["last_k"])
 
     # -- diagnostics -------------------------------------------------------------------------------------------
     def mask_overlap(self) -> Tensor:

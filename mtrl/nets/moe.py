@@ -33,8 +33,19 @@ Task-oriented perturbation (``after_step``, MENTOR §1.2 adapted to online multi
 * Every ``perturb_interval`` updates: β = dormant ratio (DrM: units with mean |act| < 0.025 × layer mean) of this
   backbone's hidden layers on the current batch; α = clip(1 − perturb_rate·β, min_perturb_factor,
   max_perturb_factor); φ ~ N(μ, σ) element-wise from the snapshots' mean/std (σ ≥ 1e-7); θ ← α θ + (1 − α) φ.
-* Not done (outside a backbone's reach): the optimizer state reset and the encoder shrink-perturb of MENTOR.
-  Snapshots live in memory and are not checkpointed.
+* Optimizer reset (``reset_optimizer``, default true): after a perturbation MENTOR clears the perturbed network's
+  optimizer state (``optimizer.state = defaultdict(dict)`` in ``utils.py::perturb``): Adam's moments were built up
+  for the parameters before the jump. ``ctx["optimizer"]`` may also hold other modules' parameters (e.g. the twin
+  critic's other Q net, whose own hook resets its own), so only this backbone's entries are dropped
+  (``opt.state.pop(p)``); Adam restarts them from zero moments and step 0 at the next step.
+* Checkpoints: the snapshot set, the loss EMA and the counters are host state (``host_state()`` /
+  ``load_host_state()``, plain tensors and numbers for a ``weights_only`` load), which the agents save in their
+  checkpoints, so a resumed run takes the same snapshots and perturbs from the same set.
+* Not done: MENTOR's shrink-perturb of its convolutional image encoder (θ ← α θ + (1 − α) θ_init, fresh random
+  init, no snapshots): it exists for pixel observations; with state observations there is no encoder (the trunk
+  here is MENTOR's MLP part and gets the snapshot perturbation). MENTOR also perturbs its target critic from
+  target-critic snapshots; here the target critic is not a backbone that steps, it follows the perturbed critic
+  by Polyak averaging.
 """
 
 from __future__ import annotations
@@ -98,7 +109,8 @@ class MentorMoE(Backbone):
                                     gate_hidden=None, gate_dropout=0.1, aux_scale=0.002, balance_coef=1.0,
                                     entropy_coef=1.0, perturb=True, perturb_interval=50_000,
                                     snapshot_interval=500, tp_set_size=10, perturb_rate=2.0,
-                                    min_perturb_factor=0.2, max_perturb_factor=0.95, loss_ema=0.99)
+                                    min_perturb_factor=0.2, max_perturb_factor=0.95, loss_ema=0.99,
+                                    reset_optimizer=True)
 
     def __init__(self, in_dim: int, out_dim: int, num_tasks: int, **options: Any) -> None:
         super().__init__(in_dim, out_dim, num_tasks)
@@ -119,6 +131,7 @@ class MentorMoE(Backbone):
         o["max_perturb_factor"] = check_float("moe", "max_perturb_factor", o["max_perturb_factor"], 0.0, 1.0)
         o["loss_ema"] = check_float("moe", "loss_ema", o["loss_ema"], 0.0, 0.999999)
         check_bool("moe", "perturb", o["perturb"])
+        check_bool("moe", "reset_optimizer", o["reset_optimizer"])
         self.opt = o
         self.num_experts, self.top_k = E, k
         layers: List[nn.Module] = []
@@ -130,7 +143,7 @@ class MentorMoE(Backbone):
         self.experts = ExpertBank(E, width, eh, width, init="xavier")
         self.gate = nn.Sequential(nn.Linear(width, gh), nn.ReLU(), nn.Dropout(self.gate_dropout), nn.Linear(gh, E))
         self.head = nn.Linear(width, out_dim)
-        # perturbation state (host-side, not checkpointed)
+        # perturbation state: host-side, outside state_dict; checkpointed through host_state()
         self._snapshots: List[Tuple[float, Dict[str, Tensor]]] = []
         self._loss_ema: float = math.nan
         self._steps = 0
@@ -189,7 +202,14 @@ class MentorMoE(Backbone):
             self.add_snapshot(-self._loss_ema)
         if self._steps % self.opt["perturb_interval"] == 0 and self._snapshots:
             self.perturb()
+            if self.opt["reset_optimizer"] and ctx.get("optimizer") is not None:
+                self.reset_optimizer_state(ctx["optimizer"])
         return False
+
+    def reset_optimizer_state(self, opt: torch.optim.Optimizer) -> int:
+        """Drop ``opt``'s state (Adam moments, step) of this backbone's parameters only; other parameters in the
+        same optimizer keep theirs. Returns the number of entries dropped."""
+        return sum(opt.state.pop(p, None) is not None for p in self.parameters())
 
     @torch.no_grad()
     def add_snapshot(self, score: float) -> bool:
@@ -220,6 +240,39 @@ class MentorMoE(Backbone):
         self.n_perturbations += 1
         self.last_alpha, self.last_dormant = alpha, beta
         return alpha
+
+    # -- checkpointing of the host-side state --------------------------------------------------------------------
+    def host_state(self) -> Dict[str, Any]:
+        """The perturbation state, as tensors and plain numbers (a ``torch.load(weights_only=True)`` reads it back).
+        Snapshot tensors are shared, not copied: they are clones taken by :meth:`add_snapshot` and never written in
+        place (a better snapshot replaces an entry), so the live parameters never alias them and a copy would only
+        double the memory of the set while the checkpoint is written."""
+        return {"snapshots": [{"score": float(score), "params": dict(snap)} for score, snap in self._snapshots],
+                "loss_ema": float(self._loss_ema), "steps": int(self._steps),
+                "n_perturbations": int(self.n_perturbations), "last_alpha": float(self.last_alpha),
+                "last_dormant": float(self.last_dormant)}
+
+    def load_host_state(self, state: Dict[str, Any]) -> None:
+        """Restore :meth:`host_state` exactly (snapshots moved to the parameters' device and dtype). A snapshot whose
+        parameter names or shapes differ from this module's raises ValueError: it comes from another network."""
+        params = dict(self.named_parameters())
+        snaps: List[Tuple[float, Dict[str, Tensor]]] = []
+        for i, entry in enumerate(state.get("snapshots", [])):
+            got = entry["params"]
+            if set(got) != set(params) or any(tuple(got[n].shape) != tuple(p.shape) for n, p in params.items()):
+                raise ValueError(f"backbone 'moe': checkpointed snapshot {i} does not match this network's "
+                                 f"parameters (names or shapes differ)")
+            snaps.append((float(entry["score"]),
+                          {n: got[n].detach().to(device=p.device, dtype=p.dtype) for n, p in params.items()}))
+        if len(snaps) > self.opt["tp_set_size"]:  # a smaller set than the run that saved it: keep the best
+            keep = sorted(range(len(snaps)), key=lambda i: snaps[i][0], reverse=True)[: self.opt["tp_set_size"]]
+            snaps = [snaps[i] for i in sorted(keep)]
+        self._snapshots = snaps
+        self._loss_ema = float(state["loss_ema"])
+        self._steps = int(state["steps"])
+        self.n_perturbations = int(state["n_perturbations"])
+        self.last_alpha = float(state["last_alpha"])
+        self.last_dormant = float(state["last_dormant"])
 
     # -- diagnostics -------------------------------------------------------------------------------------------
     def _diagnostics(self, x: Tensor, task_id: Tensor) -> Dict[str, Any]:
