@@ -9,6 +9,8 @@ vmapped forward over the task axis (as ``mtsac`` does), then ``losses.mean().bac
 ``--repeats`` after a warm-up, in default (train) mode; "ms" columns are the best run (robust to other load on a
 shared machine), the JSON also holds the medians. "matched MLP width": the width of the suite's 3-layer MT-SAC
 MLP on [x, one_hot(t)] with the same parameter count (the fair baseline, architectures.md §7.2).
+``t2mir-hidden`` is t2mir with task ids hidden: each row also carries a context of 16 transitions, encoded in the
+same forward.
 """
 
 from __future__ import annotations
@@ -31,8 +33,15 @@ from torch.func import functional_call  # noqa: E402
 
 from mtrl.gradients import task_losses  # noqa: E402
 from mtrl.nets import available_backbones, build_backbone  # noqa: E402
+from mtrl.nets.context import transition_dim, with_transition_dim  # noqa: E402
 
 T, B, OBS, ACT = 10, 128, 39, 4
+VARIANTS = {"t2mir-hidden": ("t2mir", {"use_task_id": False})}  # bench name -> (backbone, options)
+
+
+def build(name: str, in_dim: int, out_dim: int) -> torch.nn.Module:
+    backbone, options = VARIANTS.get(name, (name, {}))
+    return build_backbone(backbone, in_dim, out_dim, T, **with_transition_dim(backbone, options, OBS, ACT))
 
 
 def n_params(m: torch.nn.Module) -> int:
@@ -49,15 +58,21 @@ def matched_width(params: int, in_dim: int, out_dim: int, depth: int = 3, tasks:
 
 def time_step(net: torch.nn.Module, in_dim: int, device: torch.device, repeats: int) -> Tuple[float, float]:
     """(best, median) seconds of one vmapped forward + backward over ``repeats`` runs after a warm-up."""
-    x = torch.randn(T, B, in_dim, device=device)
+    x = {"x": torch.randn(T, B, in_dim, device=device)}
     ids = torch.arange(T, device=device)
     aux = getattr(net, "has_aux_loss", False)
+    K = int(getattr(net, "context_len", 0))
+    if K:
+        x["context"] = torch.randn(T, B, K, transition_dim(OBS, ACT), device=device)
+        contrast = x["context"][:, :2]
 
     def loss(params, xt, t):
+        kw = {"context": xt["context"]} if K else {}
         if aux:
-            out, a = functional_call(net, params, (xt, t), {"return_aux": True})
+            kw.update({"contrast": contrast} if K else {})
+            out, a = functional_call(net, params, (xt["x"], t), {"return_aux": True, **kw})
             return out.pow(2).mean() + a
-        return functional_call(net, params, (xt, t)).pow(2).mean()
+        return functional_call(net, params, (xt["x"], t), kw).pow(2).mean()
 
     params = dict(net.named_parameters())
     times = []
@@ -76,7 +91,7 @@ def time_step(net: torch.nn.Module, in_dim: int, device: torch.device, repeats: 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--backbones", default=",".join(available_backbones()))
+    p.add_argument("--backbones", default=",".join(available_backbones() + list(VARIANTS)))
     p.add_argument("--device", default="cpu")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
@@ -86,15 +101,15 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     rows = []
-    head = f"{'backbone':10s} {'actor params':>12s} {'critic params':>13s} {'actor ms':>9s} {'critic ms':>10s} " \
+    head = f"{'backbone':12s} {'actor params':>12s} {'critic params':>13s} {'actor ms':>9s} {'critic ms':>10s} " \
            f"{'MLP width (actor)':>17s}"
     print(f"MT10 size: T={T}, batch {T}x{B}, actor {OBS}->{2 * ACT}, critic {OBS + ACT}->1, device {device}, "
           f"torch threads {torch.get_num_threads()}")
     print(head)
     for name in args.backbones.split(","):
         torch.manual_seed(0)
-        actor = build_backbone(name, OBS, 2 * ACT, T).to(device)
-        critic = build_backbone(name, OBS + ACT, 1, T).to(device)
+        actor = build(name, OBS, 2 * ACT).to(device)
+        critic = build(name, OBS + ACT, 1).to(device)
         (a_best, a_med), (c_best, c_med) = (time_step(actor, OBS, device, args.repeats),
                                             time_step(critic, OBS + ACT, device, args.repeats))
         row = {"backbone": name, "actor_params": n_params(actor), "critic_params": n_params(critic),
@@ -103,7 +118,7 @@ def main(argv=None) -> int:
         row["mlp_width_actor"] = matched_width(row["actor_params"], OBS, 2 * ACT)
         row["mlp_width_critic"] = matched_width(row["critic_params"], OBS + ACT, 1)
         rows.append(row)
-        print(f"{name:10s} {row['actor_params']:12,d} {row['critic_params']:13,d} {row['actor_ms']:9.1f} "
+        print(f"{name:12s} {row['actor_params']:12,d} {row['critic_params']:13,d} {row['actor_ms']:9.1f} "
               f"{row['critic_ms']:10.1f} {row['mlp_width_actor']:17d}", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
