@@ -212,13 +212,17 @@ class MTPPO:
     def __init__(self, obs_dim: int, act_dim: int, num_tasks: int, action_mask: np.ndarray, cfg: PPOConfig, *,
                  backbone: str = "mlp", backbone_kwargs: Optional[Dict[str, Any]] = None, method: str = "mtsac",
                  method_kwargs: Optional[Dict[str, Any]] = None, actor_method: Optional[str] = None,
-                 device: str | torch.device = "cpu", seed: int = 0) -> None:
+                 device: str | torch.device = "cpu", seed: int = 0, critic_backbone: Optional[str] = None,
+                 critic_backbone_kwargs: Optional[Dict[str, Any]] = None) -> None:
+        """``critic_backbone`` (None: ``backbone`` with ``backbone_kwargs``) builds the value network with
+        ``critic_backbone_kwargs``."""
         self.cfg = cfg
         self.device = torch.device(device)
         self.num_tasks, self.obs_dim, self.act_dim = num_tasks, obs_dim, act_dim
         bk = dict(backbone_kwargs or {})
+        cb, cbk = (critic_backbone, dict(critic_backbone_kwargs or {})) if critic_backbone else (backbone, bk)
         self.actor = build_policy(obs_dim, act_dim, num_tasks, cfg, backbone, bk).to(self.device)
-        self.critic = ValueNet(obs_dim, num_tasks, backbone, bk).to(self.device)
+        self.critic = ValueNet(obs_dim, num_tasks, cb, cbk).to(self.device)
         self.action_mask = torch.as_tensor(action_mask, dtype=torch.float32, device=self.device)
         self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=cfg.lr, eps=1e-5)
         self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=cfg.lr, eps=1e-5)

@@ -64,13 +64,13 @@ class Actor(nn.Module):
         super().__init__()
         self.net = build_backbone(backbone, obs_dim, 2 * act_dim, num_tasks,
                                   **with_transition_dim(backbone, backbone_kwargs, obs_dim, act_dim))
-        self.context_len = int(getattr(self.net, "context_len", 0))
+        self.context_len = int(getattr(self.net, "context_len", 0))  # the actor may read context, the critic not
         self.act_dim = act_dim
         self.log_std_min, self.log_std_max = log_std_min, log_std_max
 
     def forward(self, obs: Tensor, task: Tensor, return_aux: bool = False, context: Optional[Tensor] = None,
                 contrast: Optional[Tensor] = None):
-        kw = context_kwargs(context, contrast if return_aux else None)
+        kw = context_kwargs(context, contrast if return_aux else None) if self.context_len else {}
         out = self.net(obs, task, return_aux=True, **kw) if return_aux else self.net(obs, task, **kw)
         aux = None
         if return_aux:
@@ -102,10 +102,13 @@ class TwinQ(nn.Module):
         bk = with_transition_dim(backbone, backbone_kwargs, obs_dim, act_dim)
         self.q1 = build_backbone(backbone, obs_dim + act_dim, 1, num_tasks, **bk)
         self.q2 = build_backbone(backbone, obs_dim + act_dim, 1, num_tasks, **bk)
+        self.context_len = int(getattr(self.q1, "context_len", 0))
 
     def forward(self, obs: Tensor, act: Tensor, task: Tensor, return_aux: bool = False,
                 context: Optional[Tensor] = None, contrast: Optional[Tensor] = None):
         x = torch.cat([obs, act], dim=-1)
+        if not self.context_len:
+            context = contrast = None
         if return_aux:
             kw = context_kwargs(context, contrast)
             (q1, a1), (q2, a2) = self.q1(x, task, return_aux=True, **kw), self.q2(x, task, return_aux=True, **kw)
@@ -230,15 +233,24 @@ class MTSAC:
     def __init__(self, obs_dim: int, act_dim: int, num_tasks: int, action_mask: np.ndarray, cfg: SACConfig, *,
                  backbone: str = "mlp", backbone_kwargs: Optional[Dict[str, Any]] = None, method: str = "mtsac",
                  method_kwargs: Optional[Dict[str, Any]] = None, actor_method: Optional[str] = None,
-                 device: str | torch.device = "cpu", seed: int = 0) -> None:
+                 device: str | torch.device = "cpu", seed: int = 0, critic_backbone: Optional[str] = None,
+                 critic_backbone_kwargs: Optional[Dict[str, Any]] = None) -> None:
+        """``critic_backbone`` (None: ``backbone`` with ``backbone_kwargs``) builds the twin Q networks with
+        ``critic_backbone_kwargs``."""
         self.cfg = cfg
         self.device = torch.device(device)
         self.num_tasks, self.obs_dim, self.act_dim = num_tasks, obs_dim, act_dim
         bk = dict(backbone_kwargs or {})
+        cb, cbk = (critic_backbone, dict(critic_backbone_kwargs or {})) if critic_backbone else (backbone, bk)
         self.actor = Actor(obs_dim, act_dim, num_tasks, backbone, bk, cfg.log_std_min, cfg.log_std_max).to(self.device)
-        self.critic = TwinQ(obs_dim, act_dim, num_tasks, backbone, bk).to(self.device)
+        self.critic = TwinQ(obs_dim, act_dim, num_tasks, cb, cbk).to(self.device)
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
-        self.context_len = self.actor.context_len  # > 0: batches must carry "context" (T, B, K, D)
+        # > 0: batches must carry "context" (T, B, K, D); one K serves both networks (each reads it if it wants).
+        lens = {m.context_len for m in (self.actor, self.critic) if m.context_len}
+        if len(lens) > 1:
+            raise ValueError(f"actor and critic read contexts of different lengths {sorted(lens)}: use one "
+                             "context_len")
+        self.context_len = lens.pop() if lens else 0
         self.log_alpha = nn.Parameter(torch.full((num_tasks,), math.log(cfg.init_alpha), device=self.device))
         self.action_mask = torch.as_tensor(action_mask, dtype=torch.float32, device=self.device)
         self.target_entropy = -self.action_mask.sum(-1)

@@ -80,6 +80,10 @@ class Config:
     algo: str = "sac"
     backbone: str = "mlp"
     backbone_kwargs: Dict[str, Any] = field(default_factory=dict)
+    # The critic's (SAC twin Q / PPO value) network when it must differ ("" = `backbone` with `backbone_kwargs`),
+    # e.g. MENTOR: moe in the actor, a plain MLP critic. Its options are then `critic_backbone_kwargs` alone.
+    critic_backbone: str = ""
+    critic_backbone_kwargs: Dict[str, Any] = field(default_factory=dict)
     seed: int = 0
     total_steps: int = 20_000_000  # env steps summed over all tasks (MT10: 2M per task)
     workers: int = 2
@@ -184,7 +188,7 @@ def apply_mapping(cfg: Any, mapping: Dict[str, Any], source: str, prefix: str = 
 def set_key(cfg: Config, assignment: str) -> None:
     """Apply one ``a.b=c`` override; the value is parsed as YAML (so 3e-4, true, [a, b], {k: v} work).
 
-    ``method_kwargs.x=1`` and ``backbone_kwargs.x=1`` set one entry of those free-form mappings; the method or
+    ``method_kwargs.x=1``, ``backbone_kwargs.x=1`` and ``critic_backbone_kwargs.x=1`` set one entry of those free-form mappings; the method or
     backbone itself validates its options when it is built.
     """
     if "=" not in assignment:
@@ -196,7 +200,7 @@ def set_key(cfg: Config, assignment: str) -> None:
     except yaml.YAMLError:
         value = raw
     head, _, rest = key.partition(".")
-    if head in ("method_kwargs", "backbone_kwargs") and rest:
+    if head in ("method_kwargs", "backbone_kwargs", "critic_backbone_kwargs") and rest:
         getattr(cfg, head)[rest] = value
         return
     mapping: Dict[str, Any] = {}
@@ -242,6 +246,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"unknown actor_method {cfg.actor_method!r}; valid: {', '.join(available_methods())}")
     if cfg.backbone not in available_backbones():
         raise ConfigError(f"unknown backbone {cfg.backbone!r}; valid: {', '.join(available_backbones())}")
+    if cfg.critic_backbone and cfg.critic_backbone not in available_backbones():
+        raise ConfigError(f"unknown critic_backbone {cfg.critic_backbone!r}; valid: "
+                          f"{', '.join(available_backbones())}")
     if cfg.learner_placement not in ("auto", "driver", "actor"):
         raise ConfigError(f"learner_placement={cfg.learner_placement!r}; valid: auto, driver, actor")
     if cfg.nan_policy not in ("stop", "skip"):
@@ -293,23 +300,35 @@ def validate(cfg: Config) -> None:
             get_method(cfg.method, suite.num_tasks, **cfg.method_kwargs)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"method {cfg.method!r}: {str(e).splitlines()[0]}") from None
+    from mtrl.nets.context import with_transition_dim
     from mtrl.nets.registry import BACKBONES
 
-    if getattr(BACKBONES.get(cfg.backbone), "needs_task_names", False) and \
-            not {"tasks", "suite"} & set(cfg.backbone_kwargs):
-        # Derived setting, stored in config.yaml: a custom 10-task list must not be mistaken for MT10's order.
-        cfg.backbone_kwargs["tasks"] = suite.task_names
-    from mtrl.nets.context import with_transition_dim
-
-    try:
-        bb = build_backbone(cfg.backbone, 4, 2, suite.num_tasks,
-                            **with_transition_dim(cfg.backbone, cfg.backbone_kwargs, suite.obs_dim, suite.act_dim))
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"backbone {cfg.backbone!r}: {str(e).splitlines()[0]}") from None
-    if getattr(bb, "context_len", 0) and cfg.algo != "sac":
-        # PPO's rollouts and minibatches do not carry per-step contexts (see mtrl/nets/context.py).
-        raise ConfigError(f"backbone {cfg.backbone!r} with task ids hidden (use_task_id=false) runs with algo 'sac' "
-                          f"only; got algo {cfg.algo!r}")
+    roles = [("backbone", cfg.backbone, cfg.backbone_kwargs)]
+    if cfg.critic_backbone:
+        roles.append(("critic_backbone", cfg.critic_backbone, cfg.critic_backbone_kwargs))
+    elif cfg.critic_backbone_kwargs:
+        raise ConfigError("critic_backbone_kwargs is set but critic_backbone is not (the critic then uses "
+                          "backbone and backbone_kwargs)")
+    context_lens = set()
+    for role, name, kwargs in roles:
+        if getattr(BACKBONES.get(name), "needs_task_names", False) and not {"tasks", "suite"} & set(kwargs):
+            # Derived setting, stored in config.yaml: a custom 10-task list must not be mistaken for MT10's order.
+            kwargs["tasks"] = suite.task_names
+        try:
+            bb = build_backbone(name, 4, 2, suite.num_tasks,
+                                **with_transition_dim(name, kwargs, suite.obs_dim, suite.act_dim))
+        except (TypeError, ValueError) as e:
+            what = f"backbone {name!r}" if role == "backbone" else f"critic_backbone {name!r}"
+            raise ConfigError(f"{what}: {str(e).splitlines()[0]}") from None
+        if getattr(bb, "context_len", 0):
+            context_lens.add(bb.context_len)
+            if cfg.algo != "sac":
+                # PPO's rollouts and minibatches do not carry per-step contexts (see mtrl/nets/context.py).
+                raise ConfigError(f"{role} {name!r} with task ids hidden (use_task_id=false) runs with algo 'sac' "
+                                  f"only; got algo {cfg.algo!r}")
+    if len(context_lens) > 1:
+        raise ConfigError(f"backbone and critic_backbone read contexts of different lengths {sorted(context_lens)}; "
+                          "set the same context_len")
 
 
 def _validate_ppo(cfg: Config) -> None:

@@ -96,7 +96,8 @@ class OnPolicyTrainer(Trainer):
         agent = MTPPO(self.suite.obs_dim, self.suite.act_dim, self.T, self.suite.action_mask, cfg.ppo,
                       backbone=cfg.backbone, backbone_kwargs=cfg.backbone_kwargs, method=cfg.method,
                       method_kwargs=cfg.method_kwargs, actor_method=cfg.actor_method or None, device=self.device,
-                      seed=agent_seed)
+                      seed=agent_seed, critic_backbone=cfg.critic_backbone or None,
+                      critic_backbone_kwargs=cfg.critic_backbone_kwargs)
         return agent, None
 
     def _worker_spec(self, i: int, task_slice: List[int]) -> PPOWorkerSpec:

@@ -121,7 +121,8 @@ class Trainer:
         agent = MTSAC(self.suite.obs_dim, self.suite.act_dim, T, self.suite.action_mask, cfg.sac,
                       backbone=cfg.backbone, backbone_kwargs=cfg.backbone_kwargs, method=cfg.method,
                       method_kwargs=cfg.method_kwargs, actor_method=cfg.actor_method or None,
-                      device=self.device, seed=agent_seed)
+                      device=self.device, seed=agent_seed, critic_backbone=cfg.critic_backbone or None,
+                      critic_backbone_kwargs=cfg.critic_backbone_kwargs)
         replay = MultiTaskReplay(T, cfg.sac.buffer_size // T, self.suite.obs_dim, self.suite.act_dim,
                                  seed=replay_seed)
         return agent, replay

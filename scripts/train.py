@@ -46,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "or stl = single-task reference (one SB3 SAC per task)")  # stl: issue 7
     a("--algo", help="learning algorithm: sac, ppo (or --method mtppo: the PPO preset)")
     a("--backbone", help=f"network: {', '.join(available_backbones())}")
+    a("--critic-backbone", help="the critic's network when it differs (default: --backbone); its options: "
+                                "--set critic_backbone_kwargs.KEY=VALUE")
     a("--seed", type=int)
     a("--total-steps", type=int, help="env steps summed over all tasks (MT10 at 2M/task: 20000000)")
     a("--workers", type=int, help="Ray rollout actors; 0 = one in-process worker (default 2)")
@@ -63,8 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-FLAG_KEYS = ["suite", "method", "algo", "backbone", "seed", "total_steps", "workers", "worker_cpus", "device",
-             "run_dir", "eval_every", "eval_episodes", "checkpoint_every", "address"]
+FLAG_KEYS = ["suite", "method", "algo", "backbone", "critic_backbone", "seed", "total_steps", "workers",
+             "worker_cpus", "device", "run_dir", "eval_every", "eval_episodes", "checkpoint_every", "address"]
 # What may change when resuming: budgets and placement, not what is being trained.
 RESUME_MUTABLE = {"total_steps", "workers", "worker_cpus", "device", "eval_every", "eval_episodes",
                   "checkpoint_every", "address", "progress"}

@@ -47,6 +47,18 @@ def test_train_mt10_t2mir_task_ids_hidden_on_ray_workers(tmp_path, ray_local):
     assert any(t.startswith("backbone/critic.q1/task_expert_load/") for t in tags)
 
 
+def test_train_mt10_actor_reads_context_critic_gets_the_task_id(tmp_path):
+    """--critic-backbone: a t2mir actor with task ids hidden beside a one-hot MLP critic (asymmetric: the critic
+    is used only for learning, so it may see the task). The checkpoint holds exactly those two architectures."""
+    import torch
+
+    run = _run(tmp_path, "t2mir", "mtsac", *HIDDEN, "--critic-backbone", "mlp",
+               "--set", "critic_backbone_kwargs.width=32")
+    agent = torch.load(run / "checkpoint.pt", weights_only=True)["agent"]
+    assert any(k.startswith("net.encoder.") for k in agent["actor"])
+    assert not any("encoder" in k or "expert" in k for k in agent["critic"])
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["mtsac", "pcgrad"])
 def test_train_mt10_t2mir_task_ids_hidden_in_process(tmp_path, method):
