@@ -229,6 +229,12 @@ class MTPPO:
         wire_methods(self, num_tasks, method, method_kwargs, actor_method, seed)  # num_updates: minibatch steps
         self.num_rounds = 0
 
+    def set_lr(self, lr: float) -> None:
+        """Learning rate of both networks (the trainer's ``anneal_lr`` schedule)."""
+        for opt in (self.actor_opt, self.critic_opt):
+            for group in opt.param_groups:
+                group["lr"] = lr
+
     # --- per-task losses (one task's slice; vmapped over the task axis) ---------------------------------------
     def actor_loss_one(self, params: Dict[str, Tensor], b: Dict[str, Tensor], task: Tensor) -> Tensor:
         if self.actor_aux:

@@ -59,6 +59,9 @@ class PPOConfig:
     ent_coef: float = 0.0
     vf_coef: float = 0.5  # scales the critic's per-task loss (separate network and optimizer; see agents/ppo.py)
     lr: float = 3e-4  # actor and critic (Adam)
+    # Linear decay of lr to 0 over the run (CleanRL's anneal_lr): round r starts at lr * (1 - env_steps / total).
+    # The schedule spans --total-steps; resuming with a larger budget stretches the rest of it.
+    anneal_lr: bool = False
     max_grad_norm: float = 0.5  # per network, after the method combined the task gradients; 0 = off
     target_kl: float = 0.0  # stop the round's epochs once approx KL > 1.5 * target_kl (0 = off)
     norm_obs: bool = True  # per-task running mean/std of observations, shipped to workers with the weights

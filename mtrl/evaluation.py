@@ -30,8 +30,10 @@ def context_window(policy: torch.nn.Module, n: int, obs_dim: int, act_dim: int) 
     return ContextWindow(n, K, transition_dim(obs_dim, act_dim)) if K else None
 
 
-def window_tensor(window: Optional[ContextWindow]) -> Optional[torch.Tensor]:
-    return None if window is None else window.tensor()
+def context_kw(window: Optional[ContextWindow]) -> Dict[str, torch.Tensor]:
+    """``{"context": …}`` for ``policy.act`` when there is a window; nothing otherwise (PPO's policy, for one,
+    takes no context)."""
+    return {} if window is None else {"context": window.tensor()}
 
 
 class RecordContext(gym.Wrapper):
@@ -64,8 +66,7 @@ class _MetaWorldAgent:
 
     def eval_action(self, observations: np.ndarray) -> np.ndarray:
         obs = torch.as_tensor(observations, dtype=torch.float32)
-        return self.policy.act(obs, self.tids, self.mask, deterministic=True,
-                               context=window_tensor(self.window)).numpy()
+        return self.policy.act(obs, self.tids, self.mask, deterministic=True, **context_kw(self.window)).numpy()
 
     def reset(self, env_mask: np.ndarray) -> None:
         del env_mask  # the policy is memoryless
@@ -111,7 +112,7 @@ def _eval_dmc(suite, t: int, policy, mask_row: torch.Tensor, num_episodes: int, 
         total, done = 0.0, False
         while not done:
             a = policy.act(torch.as_tensor(obs[None], dtype=torch.float32), tid, mask_row[None], True,
-                           context=window_tensor(window)).numpy()[0]
+                           **context_kw(window)).numpy()[0]
             obs, r, te, tr, _ = env.step(a)
             total += r
             done = te or tr

@@ -144,6 +144,8 @@ class OnPolicyTrainer(Trainer):
         assert pool is not None, "call start() first"
         while self.env_steps < total_steps:
             before = self.env_steps
+            if cfg.ppo.anneal_lr:
+                self.agent.set_lr(cfg.ppo.lr * max(0.0, 1.0 - before / total_steps))
             rollout = self._collect_round()
             if progress is not None:
                 progress.update(self.env_steps - before, updates=self.updates)
@@ -192,6 +194,7 @@ class OnPolicyTrainer(Trainer):
         lg.scalar("train/epochs_done", info["epochs_done"], step)
         lg.scalar("train/kl_stop", float(info["kl_stop"]), step)
         lg.scalar("train/n_updates", self.updates, step)
+        lg.scalar("train/lr", self.agent.actor_opt.param_groups[0]["lr"], step)
         lg.scalar("train/adv_raw_std", float(batch["adv_raw"].std()), step)
         self._log_rollout_and_time(step)
         lg.flush()

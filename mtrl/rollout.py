@@ -134,8 +134,8 @@ class RolloutWorker:
 
     def _actions(self, deterministic: bool = False) -> np.ndarray:
         obs = torch.as_tensor(self.obs, dtype=torch.float32)
-        ctx = self.window.tensor() if self.window is not None else None
-        act = self.policy.act(obs, self.tids, self.mask, deterministic, generator=self.gen, context=ctx).numpy()
+        ctx = {"context": self.window.tensor()} if self.window is not None else {}
+        act = self.policy.act(obs, self.tids, self.mask, deterministic, generator=self.gen, **ctx).numpy()
         random = self.steps < self.spec.learning_starts
         if random.any():
             uni = self.rng.uniform(-1.0, 1.0, size=act.shape).astype(np.float32) * self.mask.numpy()

@@ -509,8 +509,11 @@ class Trainer:
         }
         if self.replay is not None:
             payload["replay_rng"] = json.dumps(self.replay.rng.bit_generator.state)
-        if self.cfg.save_replay:
+        if self.cfg.save_replay and self.replay is not None:
             payload["replay"] = self.replay.state_dict()
+        # The in-process worker's envs mid-episode, RNGs and policy: with the replay (off-policy) or on its own
+        # (on-policy, which has no replay), a resumed run collects exactly what the uninterrupted one would.
+        if self.cfg.save_replay or self.replay is None:
             if self.cfg.workers == 0 and self.pool is not None and self.pool.workers:
                 try:
                     payload["worker_state"] = self.pool.workers[0].get_state()

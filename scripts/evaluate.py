@@ -221,7 +221,7 @@ def render_episodes(suite, t: int, policy, mask_row, goal_seed: int, eval_seed: 
 
     from envs import make_env
 
-    from mtrl.evaluation import RecordContext, context_window, window_tensor
+    from mtrl.evaluation import RecordContext, context_kw, context_window
 
     env = make_env(suite.tasks[t], suite.obs_dim, suite.act_dim, goal_seed=goal_seed, seed=eval_seed + t,
                    evaluation=True)
@@ -239,7 +239,7 @@ def render_episodes(suite, t: int, policy, mask_row, goal_seed: int, eval_seed: 
             while not done:
                 with torch.no_grad():
                     a = policy.act(torch.as_tensor(obs[None], dtype=torch.float32), tid, mask_row[None], True,
-                                   context=window_tensor(window))
+                                   **context_kw(window))
                 obs, r, te, tr, info = env.step(a.numpy()[0])
                 ret += float(r)
                 step += 1

@@ -309,6 +309,38 @@ def test_mt10_ppo_end_to_end_writes_ppo_tags_and_results(tmp_path):
     assert res["config"]["algo"] == "ppo" and res["protocol"]["reward_version"] == "v2"
 
 
+def test_interrupted_and_resumed_ppo_run_is_bit_identical_with_in_process_worker(tmp_path):
+    """Checkpoints fall between rounds; the in-process worker's envs (mid-episode), RNGs and policy are saved, so
+    a run stopped at 120 steps and resumed to 240 ends with the same parameters as one run straight to 240."""
+    from mtrl import checkpoint
+
+    common = ["--suite", "dmc-walker", "--algo", "ppo", "--eval-every", "0", "--checkpoint-every", "120",
+              *TINY_PPO]
+    assert train.main(common + ["--total-steps", "240", "--run-dir", str(tmp_path / "a")]) == 0
+    assert train.main(common + ["--total-steps", "120", "--run-dir", str(tmp_path / "b")]) == 0
+    assert "worker_state" in checkpoint.load(tmp_path / "b")
+    assert train.main(["--resume", str(tmp_path / "b"), "--total-steps", "240", "--no-progress"]) == 0
+    a, b = checkpoint.load(tmp_path / "a"), checkpoint.load(tmp_path / "b")
+    assert a["counters"]["env_steps"] == b["counters"]["env_steps"] == 240
+    assert a["counters"]["episodes"] == b["counters"]["episodes"]
+    for net in ("actor", "critic"):
+        for k, v in a["agent"][net].items():
+            assert torch.equal(v, b["agent"][net][k]), (net, k)
+
+
+def test_anneal_lr_decays_linearly_over_the_budget(tmp_path):
+    run = tmp_path / "run"
+    assert train.main(["--suite", "dmc-walker", "--algo", "ppo", "--total-steps", "180", "--eval-every", "0",
+                       "--run-dir", str(run), "--set", "ppo.anneal_lr=true", "--set", "ppo.lr=0.001",
+                       *TINY_PPO]) == 0
+    lr = _scalars(run)["train/lr"]  # one per round of 60 env steps: lr * (1 - 0/180), (1 - 60/180), (1 - 120/180)
+    assert lr == pytest.approx([1e-3, 1e-3 * 2 / 3, 1e-3 / 3], rel=1e-5)
+    run2 = tmp_path / "const"
+    assert train.main(["--suite", "dmc-walker", "--algo", "ppo", "--total-steps", "120", "--eval-every", "0",
+                       "--run-dir", str(run2), *TINY_PPO]) == 0
+    assert _scalars(run2)["train/lr"] == pytest.approx([3e-4, 3e-4])
+
+
 def test_dmc_walker_ppo_end_to_end(tmp_path):
     run = tmp_path / "run"
     assert train.main(["--suite", "dmc-walker", "--method", "mtppo_dmc", "--total-steps", "120",
