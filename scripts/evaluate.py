@@ -10,10 +10,12 @@ always the run's training goals). So the final evaluation in ``results.json`` is
 
   --suite S / --tasks a,b   evaluate only these of the run's tasks (a suite must be a subset of the run's tasks)
   --out FILE.json           where the numbers go (default RUN_DIR/evaluation_s<seed>_e<episodes>.json)
-  --video [--video-dir D]   also render episodes offscreen (MuJoCo EGL, else OSMesa) to animated GIFs, one per
-                            task (default D = RUN_DIR/videos), and into TensorBoard as animated images
-                            (tag ``video/<task>``, in RUN_DIR's events; the GIF is encoded with imageio, so
-                            moviepy — which SummaryWriter.add_video needs — is not required)
+  --video [--video-dir D]   also render episodes offscreen (MuJoCo EGL, else OSMesa) to one file per task
+                            (default D = RUN_DIR/videos): ``--video-format gif`` (default) or ``mp4`` (H.264 through
+                            the ffmpeg binary that imageio-ffmpeg installs from PyPI; HEIGHT and WIDTH must be even),
+                            and into TensorBoard as animated images (tag ``video/<task>``, in RUN_DIR's events,
+                            always a GIF: the Images tab plays those; encoded with imageio, so moviepy — which
+                            SummaryWriter.add_video needs — is not required)
 
 Single-task reference runs (``--method stl``) are evaluated the same way with their per-task SB3 policies.
 Bad input (missing path, not a checkpoint, unknown suite or task) prints one line and exits 2.
@@ -52,12 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
     a("--seed", type=int, help="evaluation seed base: envs are seeded SEED + 10000 + task (default: the run seed)")
     a("--out", metavar="FILE.json", help="output JSON (default RUN_DIR/evaluation_s<seed>_e<episodes>.json)")
     a("--video", action="store_true", help="render episodes offscreen to GIFs and TensorBoard")
-    a("--video-dir", help="where the GIFs go (default RUN_DIR/videos)")
+    a("--video-dir", help="where the video files go (default RUN_DIR/videos)")
+    a("--video-format", default="gif", help="video files: gif (default) or mp4")
     a("--video-episodes", type=int, default=1, help="rendered episodes per task (default 1)")
     a("--video-size", default="240x320", help="HEIGHTxWIDTH of the frames (default 240x320)")
     a("--video-every", type=int, default=4, help="keep every N-th env step as a frame (default 4)")
     a("--video-max-steps", type=int, default=0, help="stop a rendered episode after N steps (0 = full episode)")
-    a("--fps", type=int, default=30, help="GIF frame rate (default 30)")
+    a("--fps", type=int, default=30, help="video frame rate (default 30)")
     return p
 
 
@@ -271,11 +274,15 @@ def write_videos(run_dir: Path, video_dir: Path, suite, indices: Sequence[int], 
             name = suite.tasks[t].name
             frames, stats = render_episodes(suite, t, policy, mask[i], cfg.seed, eval_seed, args.video_episodes,
                                             (h, w), max(1, args.video_every), args.video_max_steps)
-            path = video_dir / f"{name}.gif"
-            iio.imwrite(path, np.stack(frames), extension=".gif", duration=int(1000 / args.fps), loop=0)
+            gif = iio.imwrite("<bytes>", np.stack(frames), extension=".gif", duration=int(1000 / args.fps), loop=0)
+            path = video_dir / f"{name}.{args.video_format}"
+            if args.video_format == "gif":
+                path.write_bytes(gif)
+            else:  # H.264 through imageio-ffmpeg's bundled ffmpeg; sizes are even (checked), so no resizing
+                iio.imwrite(path, np.stack(frames), extension=".mp4", fps=args.fps, macro_block_size=2)
             # An animated GIF inside an image summary is what SummaryWriter.add_video writes (it needs moviepy only
             # to encode the GIF); TensorBoard's Images tab plays it.
-            img = Summary.Image(height=h, width=w, colorspace=3, encoded_image_string=path.read_bytes())
+            img = Summary.Image(height=h, width=w, colorspace=3, encoded_image_string=gif)
             writer._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=f"video/{name}", image=img)]),
                                                   env_steps)
             out[name] = str(path)
@@ -310,6 +317,12 @@ def evaluate(args: argparse.Namespace) -> Dict[str, Any]:
             assert h > 0 and w > 0
         except (ValueError, AssertionError):
             raise EvalError(f"--video-size {args.video_size!r} is not HEIGHTxWIDTH, e.g. 240x320") from None
+        if args.video_format not in ("gif", "mp4"):
+            raise EvalError(f"--video-format {args.video_format!r}: valid: gif, mp4")
+        if args.video_format == "mp4" and (h % 2 or w % 2):
+            raise EvalError(f"--video-size {args.video_size!r}: mp4 (H.264, yuv420p) needs an even height and width")
+        if args.fps <= 0:
+            raise EvalError(f"--fps={args.fps} must be > 0")
         gl = setup_gl()  # before anything imports mujoco
         if gl is None:
             raise EvalError("--video: no offscreen OpenGL (tried MUJOCO_GL=egl and osmesa; install libegl1 or "

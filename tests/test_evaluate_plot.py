@@ -145,3 +145,16 @@ def test_video_gif_and_tensorboard(runs, tmp_path):
     acc.Reload()
     assert "video/reach-v3" in acc.Tags()["images"]
     assert acc.Images("video/reach-v3")[0].encoded_image_string[:6] == b"GIF89a"
+    # MP4 file (H.264 via imageio-ffmpeg): same frames, decodable; odd sizes are refused in one line.
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "evaluate.py"), str(runs["a"]), "--tasks", "reach-v3",
+                        "--video", "--video-format", "mp4", "--video-dir", str(vdir), "--video-size", "48x64",
+                        "--video-every", "1", "--video-max-steps", "6", "--out", str(tmp_path / "e2.json")],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    mp4 = iio.imread(vdir / "reach-v3.mp4", index=None)
+    assert mp4.shape == frames.shape[:3] + (3,)
+    assert np.abs(mp4.astype(float) - frames[..., :3].astype(float)).mean() < 12  # lossy, but the same pictures
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "evaluate.py"), str(runs["a"]), "--video",
+                        "--video-format", "mp4", "--video-size", "47x64"], env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2 and "even height and width" in r.stderr and len(r.stderr.strip().splitlines()) == 1
