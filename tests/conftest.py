@@ -28,6 +28,17 @@ def scalars(run_dir):
     return {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny networks: one torch thread is several times faster than two contended ones (for a module's tests)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """One real local Ray for the whole session (starting one costs 5-10 s)."""

@@ -23,13 +23,7 @@ SMALL = {"moe": dict(width=16, gate_dropout=0.0), "t2mir": dict(width=16, task_d
 T, B, D, O = 7, 6, 9, 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny networks: one torch thread is several times faster than two contended ones."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny networks run faster on one thread
 
 
 def small(name, **kw):

@@ -17,13 +17,7 @@ T, B, D, O = 3, 5, 4, 2
 MOE = dict(width=16, snapshot_interval=1, perturb_interval=3, tp_set_size=2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny networks: one torch thread is several times faster than two contended ones."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny networks run faster on one thread
 
 
 def roundtrip(obj):
