@@ -15,8 +15,9 @@ Padded action dimensions (``action_mask``) are forced to 0 and excluded from log
 has its own entropy target. Time-limit truncation bootstraps (the replay stores ``terminated`` only).
 
 A backbone with ``context_len`` K > 0 (``t2mir`` with task ids hidden) reads the task from K recent transitions:
-the batch then carries ``context`` (T, B, K, D), the same context serves s and s′ of a sample, and the first two
-rows' contexts of every task are the backbone's contrastive views (``contrast``, bound unvmapped).
+the batch then carries ``context`` (T, B, K, D) for s and ``next_context`` for s′ (the window one transition
+later; ``context`` serves both when it is absent), and the first two rows' contexts of every task are the
+backbone's contrastive views (``contrast``, bound unvmapped).
 """
 
 from __future__ import annotations
@@ -306,7 +307,10 @@ class MTSAC:
             mask = self.action_mask.repeat_interleave(B, dim=0)
             eps = torch.randn((T * B, self.act_dim), generator=self.generator, device=self.device)
             next_obs = self._flat(batch["next_obs"])
-            ctx = self._flat(batch.get("context")) if self.context_len else None
+            ctx = None
+            if self.context_len:
+                ctx = self._flat(batch["next_context"] if batch.get("next_context") is not None
+                                 else batch.get("context"))
             a2, logp2 = self.actor.sample(next_obs, tasks, eps, mask, context=ctx)
             q1, q2 = self.critic_target(next_obs, a2, tasks, context=ctx)
             v = (torch.min(q1, q2) - alpha.repeat_interleave(B) * logp2).view(T, B)

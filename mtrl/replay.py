@@ -57,7 +57,8 @@ class MultiTaskReplay:
                context_len: int = 0) -> Dict[str, torch.Tensor]:
         """A dict of (T, B, ...) float32 tensors: obs, action, reward, next_obs, terminated; with ``context_len``
         K > 0 also ``context`` (T, B, K, D): the K transitions stored before each sampled one in its task's ring
-        (see ``mtrl.nets.context``)."""
+        (see ``mtrl.nets.context``), and ``next_context``: the window at s′, i.e. ``context`` shifted by one with
+        the sampled transition itself appended (what the worker held when it acted in s′)."""
         if np.any(self.size == 0):
             empty = [int(t) for t in np.flatnonzero(self.size == 0)]
             raise RuntimeError(f"cannot sample: no transitions yet for task index(es) {empty}")
@@ -65,7 +66,12 @@ class MultiTaskReplay:
         rows = np.arange(self.num_tasks)[:, None]
         out = {name: torch.from_numpy(getattr(self, name)[rows, idx]) for name in FIELDS}
         if context_len > 0:
-            out["context"] = torch.from_numpy(self.contexts(idx, context_len))
+            from mtrl.nets.context import pack
+
+            ctx = self.contexts(idx, context_len)
+            now = pack(*(getattr(self, f)[rows, idx] for f in ("obs", "action", "reward", "next_obs")))
+            out["context"] = torch.from_numpy(ctx)
+            out["next_context"] = torch.from_numpy(np.concatenate([ctx[:, :, 1:], now[:, :, None]], axis=2))
         if device is not None and device.type != "cpu":
             out = {k: v.to(device, non_blocking=True) for k, v in out.items()}
         return out

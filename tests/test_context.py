@@ -46,7 +46,10 @@ def test_replay_context_is_the_k_transitions_stored_before_each_sample_with_padd
     oldest = rb.contexts(np.array([[0], [3]]), K)[1, 0]
     assert not oldest.any()
     b = rb.sample(5, context_len=K)
-    assert b["context"].shape == (2, 5, K, transition_dim(3, 2))
+    assert b["context"].shape == b["next_context"].shape == (2, 5, K, transition_dim(3, 2))
+    # the window at s′: the sampled transition appended to the window at s
+    now = torch.cat([b["obs"], b["action"], b["reward"][..., None], b["next_obs"], torch.ones(2, 5, 1)], -1)
+    torch.testing.assert_close(b["next_context"], torch.cat([b["context"][:, :, 1:], now[:, :, None]], 2))
 
 
 def _spec(indices, backbone="t2mir", bk=None, learning_starts=0, seed=0):
@@ -69,6 +72,11 @@ def test_worker_window_is_what_the_replay_gives_the_learner():
         nxt = np.full((10, 1), 0)
         nxt[t, 0] = rb.pos[t]
         np.testing.assert_array_equal(rb.contexts(nxt, 4)[t, 0], w.window.buf[k])
+        # next_context of the newest transition is also the window the worker holds now
+        last = np.full((10, 1), 0)
+        last[t, 0] = rb.pos[t] - 1
+        now = pack(*(getattr(rb, f)[t, last[t, 0]] for f in ("obs", "action", "reward", "next_obs")))
+        np.testing.assert_array_equal(np.concatenate([rb.contexts(last, 4)[t, 0, 1:], now[None]]), w.window.buf[k])
     assert w.window.buf[:, :, -1].all()  # 14 steps > K: every slot real
 
 
