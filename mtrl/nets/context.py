@@ -8,7 +8,8 @@ the task infers it from the K most recent transitions of the env it acts in.
   first. It is NOT cleared at episode ends (T2MIR's context spans episodes), only when the window is built.
 * Learning: :meth:`mtrl.replay.MultiTaskReplay.sample` with ``context_len=K`` gives each sampled transition the K
   transitions stored just before it in that task's ring, i.e. the window the worker held when it acted (each task
-  has one env, so a task's ring is that env's stream in order; after a worker restart the first K differ).
+  has one env, so a task's ring is that env's stream in order; after a worker restart the first K differ), and
+  for its s′ that window shifted by the transition itself (``next_context``).
 
 Everything that holds a context learns only through the agent's batch key ``"context"`` (T, B, K, D) and the
 backbone's ``context=`` keyword; a backbone that wants contexts says so with ``context_len > 0`` and takes its
