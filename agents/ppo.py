@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from agents.sac import NonFiniteLoss, host_states, load_host_states, method_step, wire_methods
+from agents.sac import NonFiniteLoss, critic_network, host_states, load_host_states, method_step, wire_methods
 from mtrl.config import PPOConfig
 from mtrl.nets import build_backbone
 
@@ -220,7 +220,7 @@ class MTPPO:
         self.device = torch.device(device)
         self.num_tasks, self.obs_dim, self.act_dim = num_tasks, obs_dim, act_dim
         bk = dict(backbone_kwargs or {})
-        cb, cbk = (critic_backbone, dict(critic_backbone_kwargs or {})) if critic_backbone else (backbone, bk)
+        cb, cbk = critic_network(backbone, bk, critic_backbone, critic_backbone_kwargs)
         self.actor = build_policy(obs_dim, act_dim, num_tasks, cfg, backbone, bk).to(self.device)
         self.critic = ValueNet(obs_dim, num_tasks, cb, cbk).to(self.device)
         self.action_mask = torch.as_tensor(action_mask, dtype=torch.float32, device=self.device)

@@ -206,6 +206,14 @@ def wire_methods(agent: Any, num_tasks: int, method: str, method_kwargs: Optiona
     agent.num_updates = 0
 
 
+def critic_network(backbone: str, backbone_kwargs: Dict[str, Any], critic_backbone: Optional[str],
+                   critic_backbone_kwargs: Optional[Dict[str, Any]]):
+    """(name, options) of the critic's backbone: its own when ``critic_backbone`` is given, else the actor's."""
+    if critic_backbone:
+        return critic_backbone, dict(critic_backbone_kwargs or {})
+    return backbone, backbone_kwargs
+
+
 def host_states(*modules: nn.Module) -> Dict[str, Any]:
     """State that backbones keep outside parameters and buffers (MENTOR snapshots, harmony gradient EMAs...):
     every submodule with ``host_state()`` contributes ``{"<i>.<module name>": host_state()}`` (plain tensors and
@@ -242,7 +250,7 @@ class MTSAC:
         self.device = torch.device(device)
         self.num_tasks, self.obs_dim, self.act_dim = num_tasks, obs_dim, act_dim
         bk = dict(backbone_kwargs or {})
-        cb, cbk = (critic_backbone, dict(critic_backbone_kwargs or {})) if critic_backbone else (backbone, bk)
+        cb, cbk = critic_network(backbone, bk, critic_backbone, critic_backbone_kwargs)
         self.actor = Actor(obs_dim, act_dim, num_tasks, backbone, bk, cfg.log_std_min, cfg.log_std_max).to(self.device)
         self.critic = TwinQ(obs_dim, act_dim, num_tasks, cb, cbk).to(self.device)
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
@@ -264,12 +272,11 @@ class MTSAC:
     def critic_loss_one(self, params: Dict[str, Tensor], b: Dict[str, Tensor], task: Tensor, *,
                         contrast: Optional[Tensor] = None) -> Tensor:
         """``contrast`` (all tasks' contrastive contexts, context backbones only) is bound unvmapped."""
-        ctx = context_kwargs(b.get("context"), None)
+        kw = context_kwargs(b.get("context"), contrast)
         if self.critic_aux:
-            q1, q2, aux = functional_call(self.critic, params, (b["obs"], b["action"], task),
-                                          {"return_aux": True, **context_kwargs(b.get("context"), contrast)})
+            q1, q2, aux = functional_call(self.critic, params, (b["obs"], b["action"], task), {"return_aux": True, **kw})
         else:
-            (q1, q2), aux = functional_call(self.critic, params, (b["obs"], b["action"], task), ctx), 0.0
+            (q1, q2), aux = functional_call(self.critic, params, (b["obs"], b["action"], task), kw), 0.0
         y = b["target"]
         return 0.5 * ((q1 - y).pow(2).mean() + (q2 - y).pow(2).mean()) + aux
 
@@ -277,28 +284,29 @@ class MTSAC:
                        critic_params: Dict[str, Tensor], contrast: Optional[Tensor] = None) -> Tensor:
         """``critic_params`` (detached, shared by every task) and ``contrast`` are bound with functools.partial:
         not vmapped."""
-        ctx = context_kwargs(b.get("context"), None)
+        kw = context_kwargs(b.get("context"), contrast)  # `contrast` only reaches a backbone with return_aux
         if self.actor_aux:
-            mean, log_std, aux = functional_call(self.actor, params, (b["obs"], task),
-                                                 {"return_aux": True, **context_kwargs(b.get("context"), contrast)})
+            mean, log_std, aux = functional_call(self.actor, params, (b["obs"], task), {"return_aux": True, **kw})
         else:
-            (mean, log_std), aux = functional_call(self.actor, params, (b["obs"], task), ctx), 0.0
+            (mean, log_std), aux = functional_call(self.actor, params, (b["obs"], task), kw), 0.0
         a, logp = squash(mean, log_std, b["eps"], b["mask"])
-        q1, q2 = functional_call(self.critic, critic_params, (b["obs"], a, task), ctx)
+        q1, q2 = functional_call(self.critic, critic_params, (b["obs"], a, task), kw)
         return (b["alpha"] * logp - torch.min(q1, q2)).mean() + aux
 
     # --- the update -----------------------------------------------------------------------------------------
     def _flat(self, x: Optional[Tensor]) -> Optional[Tensor]:
         return None if x is None else x.reshape(-1, *x.shape[2:])
 
-    def _context(self, batch: Dict[str, Tensor]) -> Tuple[Optional[Tensor], Dict[str, Tensor]]:
-        """(the batch's context or None, the keyword to bind into the loss functions)."""
+    def _context(self, batch: Dict[str, Tensor]) -> Tuple[Optional[Tensor], Dict[str, Tensor], Dict[str, Tensor]]:
+        """(the batch's context or None, the entry for the vmapped loss batches, the keyword to bind into the loss
+        functions); the last two are empty without context."""
         if not self.context_len:
-            return None, {}
+            return None, {}, {}
         if batch.get("context") is None:
             raise ValueError(f"this backbone reads the task from context: the batch needs 'context' of shape "
                              f"(T, B, {self.context_len}, D) (MultiTaskReplay.sample(..., context_len=K))")
-        return batch["context"], {"contrast": contrast_views(batch["context"])}
+        ctx = batch["context"]
+        return ctx, {"context": ctx}, {"contrast": contrast_views(ctx)}
 
     def compute_targets(self, batch: Dict[str, Tensor], alpha: Tensor) -> Tensor:
         T, B = batch["reward"].shape
@@ -322,12 +330,11 @@ class MTSAC:
         T, B = batch["reward"].shape
         alpha = self.log_alpha.detach().exp()
         info: Dict[str, Tensor] = {}
-        context, bind = self._context(batch)
-        extra = {} if context is None else {"context": context}
+        context, extra, bind = self._context(batch)
 
         target = self.compute_targets(batch, alpha)
         cb = {"obs": batch["obs"], "action": batch["action"], "target": target, **extra}
-        critic_loss = functools.partial(self.critic_loss_one, **bind) if bind else self.critic_loss_one
+        critic_loss = functools.partial(self.critic_loss_one, **bind)
         cinfo = self._step("critic", self.critic, self.critic_opt, self.critic_method, critic_loss, cb,
                            self.critic_task_specific)
         info["critic_losses"] = cinfo["losses"]
@@ -384,8 +391,7 @@ class MTSAC:
         """Per-task losses (T,) for critic, actor and α on a batch, without updating anything."""
         T, B = batch["reward"].shape
         alpha = self.log_alpha.detach().exp()
-        context, bind = self._context(batch)
-        extra = {} if context is None else {"context": context}
+        context, extra, bind = self._context(batch)
         target = self.compute_targets(batch, alpha)
         cparams = self._frozen_critic()
         aparams = {k: v.detach() for k, v in self.actor.named_parameters()}

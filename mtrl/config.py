@@ -191,8 +191,8 @@ def apply_mapping(cfg: Any, mapping: Dict[str, Any], source: str, prefix: str = 
 def set_key(cfg: Config, assignment: str) -> None:
     """Apply one ``a.b=c`` override; the value is parsed as YAML (so 3e-4, true, [a, b], {k: v} work).
 
-    ``method_kwargs.x=1``, ``backbone_kwargs.x=1`` and ``critic_backbone_kwargs.x=1`` set one entry of those free-form mappings; the method or
-    backbone itself validates its options when it is built.
+    ``method_kwargs.x=1``, ``backbone_kwargs.x=1`` and ``critic_backbone_kwargs.x=1`` set one entry of those
+    free-form mappings; the method or backbone itself validates its options when it is built.
     """
     if "=" not in assignment:
         raise ConfigError(f"--set {assignment!r} is not key=value")
@@ -321,8 +321,7 @@ def validate(cfg: Config) -> None:
             bb = build_backbone(name, 4, 2, suite.num_tasks,
                                 **with_transition_dim(name, kwargs, suite.obs_dim, suite.act_dim))
         except (TypeError, ValueError) as e:
-            what = f"backbone {name!r}" if role == "backbone" else f"critic_backbone {name!r}"
-            raise ConfigError(f"{what}: {str(e).splitlines()[0]}") from None
+            raise ConfigError(f"{role} {name!r}: {str(e).splitlines()[0]}") from None
         if getattr(bb, "context_len", 0):
             context_lens.add(bb.context_len)
             if cfg.algo != "sac":

@@ -21,19 +21,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from mtrl.nets.context import ContextWindow, transition_dim
-
-
-def context_window(policy: torch.nn.Module, n: int, obs_dim: int, act_dim: int) -> Optional[ContextWindow]:
-    """A fresh window for ``n`` envs when the policy reads context, else None."""
-    K = int(getattr(policy, "context_len", 0))
-    return ContextWindow(n, K, transition_dim(obs_dim, act_dim)) if K else None
-
-
-def context_kw(window: Optional[ContextWindow]) -> Dict[str, torch.Tensor]:
-    """``{"context": …}`` for ``policy.act`` when there is a window; nothing otherwise (PPO's policy, for one,
-    takes no context)."""
-    return {} if window is None else {"context": window.tensor()}
+from mtrl.nets.context import ContextWindow, context_kw, context_window
 
 
 class RecordContext(gym.Wrapper):

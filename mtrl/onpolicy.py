@@ -92,12 +92,8 @@ class OnPolicyTrainer(Trainer):
 
     def _build_learner(self, agent_seed: int, replay_seed: int):
         del replay_seed
-        cfg = self.cfg
-        agent = MTPPO(self.suite.obs_dim, self.suite.act_dim, self.T, self.suite.action_mask, cfg.ppo,
-                      backbone=cfg.backbone, backbone_kwargs=cfg.backbone_kwargs, method=cfg.method,
-                      method_kwargs=cfg.method_kwargs, actor_method=cfg.actor_method or None, device=self.device,
-                      seed=agent_seed, critic_backbone=cfg.critic_backbone or None,
-                      critic_backbone_kwargs=cfg.critic_backbone_kwargs)
+        agent = MTPPO(self.suite.obs_dim, self.suite.act_dim, self.T, self.suite.action_mask, self.cfg.ppo,
+                      **self._agent_kwargs(agent_seed))
         return agent, None
 
     def _worker_spec(self, i: int, task_slice: List[int]) -> PPOWorkerSpec:

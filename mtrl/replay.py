@@ -69,7 +69,7 @@ class MultiTaskReplay:
             from mtrl.nets.context import pack
 
             ctx = self.contexts(idx, context_len)
-            now = pack(*(getattr(self, f)[rows, idx] for f in ("obs", "action", "reward", "next_obs")))
+            now = pack(*(out[f].numpy() for f in ("obs", "action", "reward", "next_obs")))
             out["context"] = torch.from_numpy(ctx)
             out["next_context"] = torch.from_numpy(np.concatenate([ctx[:, :, 1:], now[:, :, None]], axis=2))
         if device is not None and device.type != "cpu":

@@ -15,7 +15,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from mtrl.nets.context import ContextWindow, transition_dim
+from mtrl.nets.context import context_kw, context_window
 
 
 @dataclass
@@ -75,8 +75,7 @@ class RolloutWorker:
                             spec.log_std_min, spec.log_std_max)
         self.policy.eval()
         # A policy that reads the task from recent transitions (t2mir, task ids hidden) gets each env's window.
-        K = int(getattr(self.policy, "context_len", 0))
-        self.window = ContextWindow(len(self.envs), K, transition_dim(s.obs_dim, s.act_dim)) if K else None
+        self.window = context_window(self.policy, len(self.envs), s.obs_dim, s.act_dim)
         self.mask = torch.as_tensor(s.action_mask[self.task_indices], dtype=torch.float32)
         self.tids = torch.as_tensor(self.task_indices, dtype=torch.long)
         self.rng = np.random.default_rng(spec.policy_seed)
@@ -134,8 +133,8 @@ class RolloutWorker:
 
     def _actions(self, deterministic: bool = False) -> np.ndarray:
         obs = torch.as_tensor(self.obs, dtype=torch.float32)
-        ctx = {"context": self.window.tensor()} if self.window is not None else {}
-        act = self.policy.act(obs, self.tids, self.mask, deterministic, generator=self.gen, **ctx).numpy()
+        act = self.policy.act(obs, self.tids, self.mask, deterministic, generator=self.gen,
+                              **context_kw(self.window)).numpy()
         random = self.steps < self.spec.learning_starts
         if random.any():
             uni = self.rng.uniform(-1.0, 1.0, size=act.shape).astype(np.float32) * self.mask.numpy()

@@ -119,13 +119,18 @@ class Trainer:
         """(agent, replay) of this trainer; the on-policy trainer (issue 5) builds MTPPO and no replay."""
         cfg, T = self.cfg, self.T
         agent = MTSAC(self.suite.obs_dim, self.suite.act_dim, T, self.suite.action_mask, cfg.sac,
-                      backbone=cfg.backbone, backbone_kwargs=cfg.backbone_kwargs, method=cfg.method,
-                      method_kwargs=cfg.method_kwargs, actor_method=cfg.actor_method or None,
-                      device=self.device, seed=agent_seed, critic_backbone=cfg.critic_backbone or None,
-                      critic_backbone_kwargs=cfg.critic_backbone_kwargs)
+                      **self._agent_kwargs(agent_seed))
         replay = MultiTaskReplay(T, cfg.sac.buffer_size // T, self.suite.obs_dim, self.suite.act_dim,
                                  seed=replay_seed)
         return agent, replay
+
+    def _agent_kwargs(self, agent_seed: int) -> Dict[str, Any]:
+        """The keyword arguments MTSAC and MTPPO share: networks, methods, device and seed."""
+        cfg = self.cfg
+        return dict(backbone=cfg.backbone, backbone_kwargs=cfg.backbone_kwargs, method=cfg.method,
+                    method_kwargs=cfg.method_kwargs, actor_method=cfg.actor_method or None, device=self.device,
+                    seed=agent_seed, critic_backbone=cfg.critic_backbone or None,
+                    critic_backbone_kwargs=cfg.critic_backbone_kwargs)
 
     def _restore(self, payload: Dict[str, Any]) -> None:
         self.agent.load_state_dict(payload["agent"])

@@ -224,7 +224,8 @@ def render_episodes(suite, t: int, policy, mask_row, goal_seed: int, eval_seed: 
 
     from envs import make_env
 
-    from mtrl.evaluation import RecordContext, context_kw, context_window
+    from mtrl.evaluation import RecordContext
+    from mtrl.nets.context import context_kw, context_window
 
     env = make_env(suite.tasks[t], suite.obs_dim, suite.act_dim, goal_seed=goal_seed, seed=eval_seed + t,
                    evaluation=True)

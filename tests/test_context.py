@@ -13,7 +13,7 @@ from envs import get_suite
 from mtrl.config import SACConfig
 from mtrl.gradients.engine import compute_jacobian, unflatten
 from mtrl.nets import build_backbone
-from mtrl.nets.context import ContextWindow, pack, transition_dim
+from mtrl.nets.context import pack, transition_dim
 from mtrl.replay import MultiTaskReplay
 from mtrl.rollout import RolloutWorker, WorkerSpec
 

@@ -18,7 +18,7 @@ backbone's ``context=`` keyword; a backbone that wants contexts says so with ``c
 
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import numpy as np
 import torch
@@ -63,3 +63,15 @@ class ContextWindow:
 
     def set_state(self, state: torch.Tensor) -> None:
         self.buf = state.numpy().copy()
+
+
+def context_window(policy: torch.nn.Module, n: int, obs_dim: int, act_dim: int) -> Optional[ContextWindow]:
+    """A fresh window for ``n`` envs when the policy reads context (``policy.context_len`` > 0), else None."""
+    K = int(getattr(policy, "context_len", 0))
+    return ContextWindow(n, K, transition_dim(obs_dim, act_dim)) if K else None
+
+
+def context_kw(window: Optional[ContextWindow]) -> Dict[str, torch.Tensor]:
+    """``{"context": …}`` for ``policy.act`` when there is a window; nothing otherwise (PPO's policy, for one,
+    takes no context)."""
+    return {} if window is None else {"context": window.tensor()}
