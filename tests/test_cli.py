@@ -20,6 +20,9 @@ CASES = [
     (["--suite", "mt10", "--backbone", "transformer"], "unknown backbone 'transformer'; valid: "),
     (["--suite", "mt10", "--algo", "dqn"], "unknown algo 'dqn'; valid: sac"),
     (["--suite", "mt10", "--device", "tpu"], "unknown device 'tpu'; valid: auto, cpu, cuda"),
+    (["--suite", "mt10", "--set", "replay_device=gpu"], "replay_device='gpu'; valid: auto, cpu, cuda"),
+    (["--suite", "mt10", "--set", "compile=fast"],
+     "compile='fast'; valid: auto, off, default, reduce-overhead, max-autotune"),
     (["--suite", "mt10", "--total-steps", "-5"], "total-steps=-5 must be > 0"),
     (["--suite", "mt10", "--workers", "-1"], "workers=-1 must be >= 0"),
     (["--suite", "mt10", "--eval-episodes", "0"], "eval-episodes=0 must be > 0"),
@@ -90,3 +93,20 @@ def test_real_process_unknown_flag_and_help(tmp_path):
     assert h.returncode == 0
     for word in ("mt10", "dmc-mixed", "mt1-<task>", "mtsac", "--total-steps", "--resume", "--set"):
         assert word in h.stdout
+
+
+def test_replay_device_and_compile_values_accepted(tmp_path):
+    """Every valid value passes validation; YAML's boolean `off` (in --set and in a config file) means "off"."""
+    from mtrl.config import COMPILE_MODES, REPLAY_DEVICES, Config, apply_mapping, load_yaml, set_key, validate
+
+    cfg = Config(suite="mt10")
+    for v in REPLAY_DEVICES:
+        set_key(cfg, f"replay_device={v}")
+        validate(cfg)
+    for v in COMPILE_MODES:
+        set_key(cfg, f"compile={v}")
+        validate(cfg)
+        assert cfg.compile == v
+    (tmp_path / "c.yaml").write_text("compile: off\n")
+    apply_mapping(cfg, load_yaml(tmp_path / "c.yaml"), "c.yaml")
+    assert cfg.compile == "off"
