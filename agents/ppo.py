@@ -37,7 +37,10 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from agents.sac import NonFiniteLoss, critic_network, host_states, load_host_states, method_step, wire_methods
+from agents.optim import adam
+from agents.sac import (NonFiniteLoss, critic_network, host_states, load_host_states, method_step, raise_nonfinite,
+                        wire_methods)
+from mtrl.devices import generator_state, restore_generator
 from mtrl.config import PPOConfig
 from mtrl.nets import build_backbone
 
@@ -224,8 +227,8 @@ class MTPPO:
         self.actor = build_policy(obs_dim, act_dim, num_tasks, cfg, backbone, bk).to(self.device)
         self.critic = ValueNet(obs_dim, num_tasks, cb, cbk).to(self.device)
         self.action_mask = torch.as_tensor(action_mask, dtype=torch.float32, device=self.device)
-        self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=cfg.lr, eps=1e-5)
-        self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=cfg.lr, eps=1e-5)
+        self.actor_opt = adam(self.actor.parameters(), cfg.lr, self.device, eps=1e-5)
+        self.critic_opt = adam(self.critic.parameters(), cfg.lr, self.device, eps=1e-5)
         wire_methods(self, num_tasks, method, method_kwargs, actor_method, seed)  # num_updates: minibatch steps
         self.num_rounds = 0
 
@@ -360,7 +363,12 @@ class MTPPO:
     def _step(self, name: str, module: nn.Module, opt: torch.optim.Optimizer, method, loss_fn, batch,
               task_specific: Set[str]) -> Dict[str, Any]:
         return method_step(name, module, opt, method, loss_fn, batch, self.task_ids, task_specific,
-                           self.cfg.max_grad_norm, self.hooks[name], self.num_updates)[0]
+                           self.cfg.max_grad_norm, self.hooks[name], self.num_updates, self.grads[name],
+                           self.monitor)[0]
+
+    def nonfinite(self) -> None:
+        """Host check, once per round: raise :class:`NonFiniteLoss` if a minibatch step was skipped since."""
+        raise_nonfinite(self.monitor)
 
     # --- acting and state -----------------------------------------------------------------------------------
     def policy_state(self) -> Dict[str, np.ndarray]:
@@ -375,7 +383,7 @@ class MTPPO:
             "critic_opt": self.critic_opt.state_dict(),
             "critic_method": self.critic_method.state_dict(),
             "actor_method": self.actor_method.state_dict(),
-            "generator": self.generator.get_state(),
+            "generator": generator_state(self.generator),
             "num_updates": self.num_updates,
             "num_rounds": self.num_rounds,
             "host_state": host_states(self.actor, self.critic),
@@ -388,7 +396,7 @@ class MTPPO:
         self.critic_opt.load_state_dict(state["critic_opt"])
         self.critic_method.load_state_dict(state["critic_method"])
         self.actor_method.load_state_dict(state["actor_method"])
-        self.generator.set_state(state["generator"].cpu() if self.device.type == "cpu" else state["generator"])
         self.num_updates = int(state["num_updates"])
+        self.restore_note = restore_generator(self.generator, state["generator"], salt=self.num_updates)
         self.num_rounds = int(state["num_rounds"])
         load_host_states(state.get("host_state", {}), self.actor, self.critic)

@@ -32,7 +32,9 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from agents.optim import FlatGrads, NonFiniteMonitor, adam, guarded_step
 from mtrl.config import SACConfig
+from mtrl.devices import generator_state, restore_generator
 from mtrl.gradients import get_method, task_losses
 from mtrl.nets import build_backbone
 from mtrl.nets.context import with_transition_dim
@@ -141,46 +143,42 @@ def has_aux_loss(module: nn.Module) -> bool:
 
 
 class NonFiniteLoss(RuntimeError):
-    """A per-task loss (or the combined gradient) is NaN/inf; raised before the optimizer step, so the parameters
-    stay finite. ``task`` is the first bad task's index, or None for a gradient whose task is not known."""
+    """A per-task loss (or the combined gradient) was NaN/inf. The update step never raises it (that would need a
+    host synchronisation per step): the step is skipped on the device and :class:`~agents.optim.NonFiniteMonitor`
+    records it; the training loop raises this from :meth:`MTSAC.nonfinite` at its next check. ``task`` is the
+    first bad task's index, or None for a combined gradient whose task is not known."""
 
-    def __init__(self, loss: str, task: Optional[int], kind: str = "loss") -> None:
+    def __init__(self, loss: str, task: Optional[int], kind: str = "loss", count: int = 1) -> None:
         where = f"task index {task}" if task is not None else "the combined update"
         super().__init__(f"non-finite {loss} {kind} for {where}")
-        self.loss, self.task, self.kind = loss, task, kind
-
-
-def _check_finite(name: str, losses: Tensor) -> None:
-    ok = torch.isfinite(losses)
-    if not bool(ok.all()):
-        raise NonFiniteLoss(name, int((~ok).nonzero()[0, 0]))
+        self.loss, self.task, self.kind, self.count = loss, task, kind, count
 
 
 def method_step(name: str, module: nn.Module, opt: torch.optim.Optimizer, method, loss_fn, batch,
-                task_ids: Tensor, task_specific: Set[str], max_grad_norm: float, hooks, num_updates: int):
-    """One optimizer step of ``module`` through a method (shared by MT-SAC and MT-PPO).
+                task_ids: Tensor, task_specific: Set[str], max_grad_norm: float, hooks, num_updates: int,
+                grads: FlatGrads, monitor: NonFiniteMonitor):
+    """One optimizer step of ``module`` through a method (shared by MT-SAC and MT-PPO), with no host sync.
 
-    The method writes the combined gradient into ``.grad``; a non-finite per-task loss or combined gradient stops
-    before the step (``NonFiniteLoss``). Then clipping, the step, the method's ``post_step`` and the modules'
-    ``after_step`` hooks. Returns (the method's diagnostics, whether any hook changed buffers).
+    The method writes the combined gradient into the ``.grad`` views of ``grads``; a non-finite per-task loss or
+    combined gradient makes the step a no-op on the device (``guarded_step``) and is recorded in ``monitor``.
+    Then clipping, the step, the method's ``post_step`` and the modules' ``after_step`` hooks (which see the
+    step's ``ok`` flag). Returns (the method's diagnostics, whether any hook changed buffers).
     """
-    opt.zero_grad(set_to_none=True)
+    grads.zero()
     kwargs = {"task_specific": task_specific} if task_specific and getattr(method, "accepts_task_specific",
                                                                            False) else {}
     info = method.backward(loss_fn, dict(module.named_parameters()), batch, task_ids, **kwargs)
-    _check_finite(name, info["losses"])
-    grads = [p.grad for p in module.parameters() if p.grad is not None]
-    if grads and not bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()):
-        raise NonFiniteLoss(name, None, kind="gradient")  # finite losses, yet a non-finite combined gradient
+    norm = grads.norm()
+    ok = monitor.record(name, info["losses"], torch.isfinite(norm))
     if max_grad_norm > 0:
-        nn.utils.clip_grad_norm_(module.parameters(), max_grad_norm)
-    opt.step()
+        grads.clip_(norm, max_grad_norm)
+    guarded_step(opt, ok, grads)
     method.post_step()
     changed = False
     for m in hooks:
         changed |= bool(m.after_step({"role": name, "num_updates": num_updates, "loss_fn": loss_fn, "batch": batch,
                                       "params": dict(module.named_parameters()), "task_ids": task_ids,
-                                      "info": info, "optimizer": opt}))
+                                      "info": info, "optimizer": opt, "ok": ok}))
     return info, changed
 
 
@@ -201,9 +199,31 @@ def wire_methods(agent: Any, num_tasks: int, method: str, method_kwargs: Optiona
                    for role, mod in (("critic", agent.critic), ("actor", agent.actor))}
     agent.critic_task_specific = _prefixed_task_specific(agent.critic, "")
     agent.actor_task_specific = _prefixed_task_specific(agent.actor, "")
-    agent.generator = torch.Generator(device=agent.device)
-    agent.generator.manual_seed(seed)
+    agent.generator = update_generator(agent.device, seed)
+    for m in (agent.critic_method, agent.actor_method):
+        if callable(getattr(m, "set_generator", None)):
+            m.set_generator(agent.generator)  # PCGrad's task orders come from the update's own stream
+    agent.grads = {"critic": FlatGrads(agent.critic.parameters()), "actor": FlatGrads(agent.actor.parameters())}
+    agent.monitor = NonFiniteMonitor(num_tasks, agent.device)
+    agent.restore_note: Optional[str] = None  # set by load_state_dict when an RNG stream had to be re-derived
     agent.num_updates = 0
+
+
+def update_generator(device: torch.device, seed: int) -> torch.Generator:
+    """The update's random stream on the learner's device. ``meta`` (the device tests) has no generator of its own;
+    a CPU one is accepted there by ``torch.randn(..., device="meta", generator=g)``."""
+    gen = torch.Generator(device="cpu" if device.type == "meta" else device)
+    gen.manual_seed(seed)
+    return gen
+
+
+def raise_nonfinite(monitor: NonFiniteMonitor) -> None:
+    """Raise :class:`NonFiniteLoss` for the first loss with skipped steps since the last check (host read)."""
+    bad = monitor.collect()
+    if bad:
+        name, task, count = bad[0]
+        raise NonFiniteLoss(name, task, kind="loss" if task is not None else "gradient",
+                            count=sum(c for _, _, c in bad))
 
 
 def critic_network(backbone: str, backbone_kwargs: Dict[str, Any], critic_backbone: Optional[str],
@@ -263,9 +283,10 @@ class MTSAC:
         self.log_alpha = nn.Parameter(torch.full((num_tasks,), math.log(cfg.init_alpha), device=self.device))
         self.action_mask = torch.as_tensor(action_mask, dtype=torch.float32, device=self.device)
         self.target_entropy = -self.action_mask.sum(-1)
-        self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=cfg.actor_lr)
-        self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=cfg.critic_lr)
-        self.alpha_opt = torch.optim.Adam([self.log_alpha], lr=cfg.alpha_lr)
+        self.actor_opt = adam(self.actor.parameters(), cfg.actor_lr, self.device)
+        self.critic_opt = adam(self.critic.parameters(), cfg.critic_lr, self.device)
+        self.alpha_opt = adam([self.log_alpha], cfg.alpha_lr, self.device)
+        self.alpha_grads = FlatGrads([self.log_alpha])
         wire_methods(self, num_tasks, method, method_kwargs, actor_method, seed)
 
     # --- per-task losses (one task's slice; vmapped over the task axis) ---------------------------------------
@@ -349,10 +370,9 @@ class MTSAC:
                                             self._flat(eps), self._flat(mask), context=self._flat(context))
                 logp = logp.view(T, B)
             alpha_losses = -(self.log_alpha[:, None] * (logp + self.target_entropy[:, None])).mean(1)
-            _check_finite("alpha", alpha_losses)
-            self.alpha_opt.zero_grad(set_to_none=True)
+            self.alpha_grads.zero()
             alpha_losses.sum().backward()  # each α_t only sees its own task's loss: sum, not mean
-            self.alpha_opt.step()
+            guarded_step(self.alpha_opt, self.monitor.record("alpha", alpha_losses), self.alpha_grads)
             info["alpha_losses"] = alpha_losses.detach()
             info["entropy"] = -logp.mean(1)
 
@@ -372,13 +392,18 @@ class MTSAC:
         self.num_updates += 1
         return info
 
+    def nonfinite(self) -> None:
+        """Host check, every ``log_every`` updates: raise :class:`NonFiniteLoss` if a step was skipped since."""
+        raise_nonfinite(self.monitor)
+
     def _frozen_critic(self) -> Dict[str, Tensor]:
         return {k: v.detach() for k, v in self.critic.named_parameters()}
 
     def _step(self, name: str, module: nn.Module, opt: torch.optim.Optimizer, method, loss_fn, batch,
               task_specific: Set[str]) -> Dict[str, Any]:
         info, changed = method_step(name, module, opt, method, loss_fn, batch, self.task_ids, task_specific,
-                                    self.cfg.max_grad_norm, self.hooks[name], self.num_updates)
+                                    self.cfg.max_grad_norm, self.hooks[name], self.num_updates, self.grads[name],
+                                    self.monitor)
         # [issue 4] An after_step that returns True changed buffers (e.g. harmony's per-task masks): the target
         # critic shares them, so copy the critic's buffers into it (Polyak averaging only moves parameters).
         if changed and name == "critic":
@@ -425,7 +450,7 @@ class MTSAC:
             "alpha_opt": self.alpha_opt.state_dict(),
             "critic_method": self.critic_method.state_dict(),
             "actor_method": self.actor_method.state_dict(),
-            "generator": self.generator.get_state(),
+            "generator": generator_state(self.generator),
             "num_updates": self.num_updates,
             "host_state": host_states(self.actor, self.critic),
         }
@@ -441,8 +466,8 @@ class MTSAC:
         self.alpha_opt.load_state_dict(state["alpha_opt"])
         self.critic_method.load_state_dict(state["critic_method"])
         self.actor_method.load_state_dict(state["actor_method"])
-        self.generator.set_state(state["generator"].cpu() if self.device.type == "cpu" else state["generator"])
         self.num_updates = int(state["num_updates"])
+        self.restore_note = restore_generator(self.generator, state["generator"], salt=self.num_updates)
         load_host_states(state.get("host_state", {}), self.actor, self.critic)
 
 

@@ -23,7 +23,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from agents.ppo import MTPPO, NonFiniteLoss, build_policy, explained_variance
+from agents.ppo import MTPPO, build_policy, explained_variance
 
 from .config import PPOConfig
 from .logging import Progress
@@ -147,19 +147,15 @@ class OnPolicyTrainer(Trainer):
                 progress.update(self.env_steps - before, updates=self.updates)
             batch = self.agent.prepare(rollout)
             ev = explained_variance(batch["value"].cpu().numpy(), batch["ret"].cpu().numpy())
-            try:
-                info = self.agent.update(batch)
-            except NonFiniteLoss as e:
-                self._non_finite(e)  # raises under nan_policy=stop; "skip": drop the rest of this round's update
-                info = None
+            info = self.agent.update(batch)  # non-finite minibatch steps are skipped on the device
+            self.check_nonfinite()  # raises under nan_policy=stop; "skip": counts them
             self.updates = self.agent.num_updates
             self.agent.update_obs_norm(rollout["obs"])
             pool.broadcast(self.agent.policy_state())
-            if info is not None:
-                self._log_round(info, ev, batch)
-                if self.agent.num_rounds % max(1, math.ceil(cfg.log_grad_every / max(info["steps"], 1))) == 0:
-                    self._log_grad(info)
-                    self._log_backbones()
+            self._log_round(info, ev, batch)
+            if self.agent.num_rounds % max(1, math.ceil(cfg.log_grad_every / max(info["steps"], 1))) == 0:
+                self._log_grad(info)
+                self._log_backbones()
             if self.env_steps >= self.next_eval and self.env_steps < total_steps:
                 self.evaluate(final=False)
                 self.next_eval = (self.env_steps // cfg.eval_every + 1) * cfg.eval_every

@@ -330,6 +330,7 @@ class Trainer:
                 self._catch_up()
                 self.save_checkpoint()
         pool.discard_pending()
+        self.check_nonfinite()
 
     @staticmethod
     def _next(steps: int, every: int) -> float:
@@ -360,27 +361,34 @@ class Trainer:
     def _non_finite(self, e: NonFiniteLoss) -> None:
         """nan_policy "stop": raise NonFiniteError naming the task and the loss. "skip": count and log it."""
         where = f"task {self.suite.task_names[e.task]!r}" if e.task is not None else "the combined update"
-        msg = f"non-finite {e.loss} {e.kind} for {where} at update {self.updates} (env step {self.env_steps})"
+        msg = (f"non-finite {e.loss} {e.kind} for {where} in {e.count} update step(s) up to update {self.updates} "
+               f"(env step {self.env_steps}); those steps were skipped")
         if self.cfg.nan_policy == "stop":
             raise NonFiniteError(msg) from None
-        self.nan_skipped += 1
+        self.nan_skipped += e.count
         assert self.logger is not None
         self.logger.scalar("train/nan_skipped", self.nan_skipped, self.env_steps)
+
+    def check_nonfinite(self) -> None:
+        """Read the learner's device-side record of skipped non-finite steps (one host read): under
+        nan_policy=stop raise NonFiniteError naming the loss and task, under "skip" count them. Called every
+        ``log_every`` updates, before a checkpoint and at the end of the loop; the update step itself never
+        synchronises, and a non-finite step never touches the parameters (it is skipped on the device)."""
+        try:
+            self.agent.nonfinite()
+        except NonFiniteLoss as e:
+            self._non_finite(e)
 
     def _update(self) -> None:
         cfg = self.cfg
         batch = self.replay.sample(cfg.sac.batch_size, self.device, context_len=self.agent.context_len)
-        try:
-            info = self.agent.update(batch)
-        except NonFiniteLoss as e:
-            self._non_finite(e)  # raises under nan_policy=stop
-            self.updates += 1  # "skip": the parameters stay as they were (the optimizer did not step); go on
-            return
+        info = self.agent.update(batch)
         self.updates += 1
         if self.updates % cfg.weight_sync_every == 0:
             assert self.pool is not None
             self.pool.broadcast(self.agent.policy_state())
         if self.updates % cfg.log_every == 0:
+            self.check_nonfinite()
             self._log_train(info)
         if self.updates % cfg.log_grad_every == 0:
             self._log_grad(info)
@@ -500,6 +508,7 @@ class Trainer:
         return res
 
     def save_checkpoint(self) -> None:
+        self.check_nonfinite()  # a run that must stop for a non-finite loss stops before writing anything
         self.next_ckpt = self._next(self.env_steps, self.cfg.checkpoint_every)
         payload: Dict[str, Any] = {
             "agent": self.agent.state_dict(),

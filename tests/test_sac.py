@@ -137,20 +137,30 @@ def test_update_moves_networks_alpha_and_targets():
     assert ag.num_updates == 1
 
 
-def test_nan_reward_stops_before_the_step_and_names_the_task():
+def test_nan_reward_skips_the_step_on_the_device_and_the_check_names_the_task():
     from agents.sac import NonFiniteLoss
 
     ag = _agent(T=3)
     b = _batch(3, 4)
     b["reward"][1, 2] = float("nan")
+    ag.update(_batch(3, 4))  # one good step first, so the optimizer has moments to keep
     before = {k: v.clone() for k, v in ag.critic.state_dict().items()}
-    with pytest.raises(NonFiniteLoss, match="non-finite critic loss for task index 1"):
-        ag.update(b)
-    for k, v in ag.critic.state_dict().items():  # the optimizer never stepped
+    opt_before = {k: v.clone() for k, v in ag.critic_opt.state_dict()["state"][0].items()}
+    ag.update(b)  # no host sync inside the step: it does not raise
+    for k, v in ag.critic.state_dict().items():  # the optimizer did not step
         assert torch.equal(before[k], v)
+    for k, v in ag.critic_opt.state_dict()["state"][0].items():  # nor did its moments or step count
+        assert torch.equal(opt_before[k], v), k
+    assert all(torch.isfinite(p).all() for p in ag.actor.parameters())
+    with pytest.raises(NonFiniteLoss, match="non-finite critic loss for task index 1") as e:
+        ag.nonfinite()  # the loop's periodic host check
+    assert e.value.count == 1
+    ag.nonfinite()  # read once: the record is cleared
+    ag.update(_batch(3, 4))  # a good batch steps again
+    assert any(not torch.equal(before[k], v) for k, v in ag.critic.state_dict().items())
 
 
-def test_non_finite_gradient_with_finite_losses_stops_before_the_step():
+def test_non_finite_gradient_with_finite_losses_skips_the_step():
     from agents.sac import NonFiniteLoss
 
     ag = _agent(T=2)
@@ -161,8 +171,9 @@ def test_non_finite_gradient_with_finite_losses_stops_before_the_step():
         w[1].zero_()
         w[-2].fill_(1e21)
     before = {k: v.clone() for k, v in ag.critic.state_dict().items()}
+    ag.update(b)
     with pytest.raises(NonFiniteLoss) as e:
-        ag.update(b)
+        ag.nonfinite()
     assert (e.value.loss, e.value.kind, e.value.task) == ("critic", "gradient", None)
     for k, v in ag.critic.state_dict().items():
         assert torch.equal(before[k], v)
