@@ -260,8 +260,13 @@ def test_famo_rejects_non_positive_gaps():
     def negative(p, bt, tid):
         return -((functional_call(net, p, (bt["x"], tid)) - bt["y"]) ** 2).mean()
 
+    params = dict(net.named_parameters())
+    m.backward(negative, params, batch, ids)  # no host read in the step: a device flag is set instead
+    assert bool(m.health())
+    assert all(torch.isfinite(p.grad).all() for p in params.values())  # the gap is floored: finite update
     with pytest.raises(ValueError, match="needs losses > min_losses"):
-        m.backward(negative, dict(net.named_parameters()), batch, ids)
+        m.check()  # the periodic check reads the flag
+    assert m.health() is None  # cleared by check()
 
 
 def test_dwa_weights():

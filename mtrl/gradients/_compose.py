@@ -19,7 +19,7 @@ class MeanJacobian(GramianMethod):
 
     def weights(self, gramian: Tensor) -> Tensor:
         t = gramian.shape[0]
-        return torch.full((t,), 1.0 / t, dtype=torch.float64)
+        return torch.full((t,), 1.0 / t, dtype=torch.float64, device=gramian.device)
 
 
 def _kinds(num_tasks: int) -> Dict[str, bool]:

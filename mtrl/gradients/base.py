@@ -130,6 +130,33 @@ class Method:
         """
         raise NotImplementedError
 
+    # ---- randomness and health (sync-free hot path)
+    generator: Optional[torch.Generator] = None
+
+    def set_generator(self, generator: Optional[torch.Generator]) -> None:
+        """Random draws of this method (PCGrad/GradVac orders, GradDrop's thresholds) come from ``generator``;
+        None: torch's global RNG. The generator must be on the device of the tensors the method works on (a CPU
+        generator also serves the ``meta`` device). Passed on to inner methods (wrappers)."""
+        self.generator = generator
+        for v in vars(self).values():
+            if isinstance(v, Method):
+                v.set_generator(generator)
+
+    def health(self) -> Optional[Tensor]:
+        """A 0-d bool device tensor, True when an input broke the method's assumptions since the last
+        ``check()`` (e.g. FAMO's losses <= min_losses), or None when the method has nothing to report. Reading it
+        is a host sync: fold it into a periodic check, not every update."""
+        flags = [f for f in (v.health() for v in vars(self).values() if isinstance(v, Method)) if f is not None]
+        if not flags:
+            return None
+        return torch.stack(flags).any()
+
+    def check(self) -> None:
+        """Raise ``ValueError`` if ``health()`` is set (a host sync: call it at periodic checks), then clear it."""
+        for v in vars(self).values():
+            if isinstance(v, Method):
+                v.check()
+
     def post_step(self) -> None:
         """Call after ``optimizer.step()`` (optional). Methods that look at the loss after the step (FAMO) use it;
         if it is never called they do that work at the start of the next ``backward`` instead."""
@@ -184,10 +211,10 @@ class JacobianMethod(Method):
 
         res = engine.compute_jacobian(loss_fn, params, batch, task_ids, task_specific=task_specific,
                                       **self._engine_kwargs())
-        self._check_num_tasks(res.jacobian.shape[0])
+        self._check_num_tasks(res.num_tasks)
         vec, info = self.aggregate(res.jacobian, res.gramian)
         engine.write_back(params, res.shared_names, vec)
-        engine.write_task_specific(params, res.task_specific_mean())
+        engine.write_task_specific(params, res.task_specific_mean(), fresh=True)
         return {"losses": res.losses, "gramian": res.gramian, **info}
 
     def _engine_kwargs(self) -> Dict[str, Any]:
@@ -210,20 +237,51 @@ class JacobianMethod(Method):
 
 
 class GramianMethod(JacobianMethod):
-    """``d = w^T J`` with ``w = self.weights(G)``; ``weights`` gets the Gramian as float64 on the CPU."""
+    """``d = w^T J`` with ``w = self.weights(G)``.
+
+    ``weights`` gets the Gramian as float64 on its own device and must stay there, with no data-dependent
+    Python control flow (``torch.where`` and masks instead): the update step then has no host synchronisation.
+    Methods with ``host_solver = True`` (the exact active-set / Newton solvers: mgda, upgrad, dualproj, cagrad,
+    nashmtl) get a float64 CPU copy instead -- one T x T copy to the host and the weights back, per update.
+
+    ``backward`` never forms the T x P matrix J: G is summed over per-parameter blocks and ``w^T J`` is written
+    block by block straight into ``.grad`` (``engine.write_combined``).
+    """
 
     kind = "gramian"
+    host_solver = False
+
+    def backward(self, loss_fn: LossFn, params: Dict[str, Tensor], batch: Any, task_ids: Tensor, *,
+                 task_specific: Optional[Set[str]] = None) -> Dict[str, Any]:
+        from . import engine
+
+        res = engine.compute_jacobian(loss_fn, params, batch, task_ids, task_specific=task_specific,
+                                      **self._engine_kwargs())
+        self._check_num_tasks(res.num_tasks)
+        w = self.gramian_weights(res.gramian)
+        engine.write_combined(params, res.shared_names, res.blocks, w)
+        engine.write_task_specific(params, res.task_specific_mean(), fresh=True)
+        return {"losses": res.losses, "gramian": res.gramian, "weights": w.to(torch.float32)}
 
     def aggregate(self, jacobian: Tensor, gramian: Tensor) -> Tuple[Tensor, Dict[str, Any]]:
         from . import engine
 
-        g = gramian.detach().to("cpu", torch.float64)
-        with engine.single_thread():
-            w = self.weights(g)
+        w = self.gramian_weights(gramian)
         return engine.combine(w, jacobian), {"weights": w.to(torch.float32)}
 
+    def gramian_weights(self, gramian: Tensor) -> Tensor:
+        """(T, T) Gramian -> (T,) float64 weights on the Gramian's device."""
+        from . import engine
+
+        g = gramian.detach()
+        if not self.host_solver:
+            return self.weights(g.to(torch.float64))
+        with engine.single_thread():
+            w = self.weights(g.to("cpu", torch.float64))
+        return w.to(device=g.device, dtype=torch.float64)
+
     def weights(self, gramian: Tensor) -> Tensor:
-        """(T, T) float64 CPU Gramian -> (T,) float64 weights."""
+        """(T, T) float64 Gramian (on its device; on the CPU where ``host_solver``) -> (T,) float64 weights."""
         raise NotImplementedError
 
 

@@ -31,6 +31,7 @@ from .registry import register
 @register("cagrad")
 class CAGrad(GramianMethod):
     name = "cagrad"
+    host_solver = True  # exact float64 solver (numpy, data-dependent active sets): one T x T host copy
     OPTIONS = {"c": 0.5, "rescale": 1, "solver": "exact"}
 
     def _check_options(self) -> None:

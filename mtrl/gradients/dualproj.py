@@ -22,6 +22,7 @@ from .registry import register
 @register("dualproj")
 class DualProj(GramianMethod):
     name = "dualproj"
+    host_solver = True  # exact float64 solver (numpy, data-dependent active sets): one T x T host copy
 
     def weights(self, gramian: Tensor) -> Tensor:
         return torch.from_numpy(solvers.dualproj_weights(gramian))

@@ -9,12 +9,18 @@ parameters' gradients are flattened into the rows of J (T x P); task-specific pa
 of names) keep their per-task gradients apart and get the gradient of the MEAN task loss (sum of per-task grads /
 T), which is what autograd of ``losses.mean()`` gives.
 
-Memory: J is T*P floats. The per-task gradients of one vmapped call are another T*P (plus activations); past
-``memory_budget`` bytes (default 1 GiB) the task axis is processed in chunks, each written straight into J.
+Memory: the per-task gradients are T*P floats (plus activations); past ``memory_budget`` bytes (default 1 GiB) the
+task axis is processed in chunks, each copied into per-parameter (T, ...) buffers. Gramian methods never form the
+concatenated T x P matrix: G = sum_p B_p B_p^T over the per-parameter blocks B_p, and the combined gradient
+w^T B_p is written straight into each ``.grad`` (``write_combined``); ``JacobianResult.jacobian`` concatenates the
+blocks only when a Jacobian method asks for J.
 
 Numerics: the Gramian and the combination ``w^T J`` are computed at full float32 precision (TF32 matmuls are
 switched off for them): the Gramian's entries are then accurate relative to ``|g_i| |g_j|``, so cosines between
 task gradients are right even when their norms differ by 1e6.
+
+Host synchronisation: none. Nothing here reads a tensor's value on the host; existing ``.grad`` tensors are added
+to in place (no clone).
 """
 
 from __future__ import annotations
@@ -75,12 +81,29 @@ def split_parameters(params: Dict[str, Tensor], task_specific: Optional[Set[str]
 
 @dataclass
 class JacobianResult:
-    jacobian: Tensor                 # (T, P) gradients of the shared parameters, row t = task t
+    """Per-task gradients of one vmapped pass. The shared parameters' gradients are kept as one (T, numel) block
+    per parameter (``blocks``, views of the vmap's own outputs: no copy); ``jacobian`` concatenates them into
+    the T x P matrix J on first access (Jacobian methods and wrappers need it, Gramian methods do not)."""
+
+    blocks: List[Tensor]             # per shared parameter, (T, numel): row t = task t
     losses: Tensor                   # (T,) detached
     gramian: Optional[Tensor]        # (T, T) = J J^T, or None when not asked for
-    shared_names: List[str]          # order of the shared parameters in the columns of J
+    shared_names: List[str]          # order of the shared parameters (the columns of J)
     task_specific_names: List[str]
     task_specific_jacobian: Dict[str, Tensor] = field(default_factory=dict)  # name -> (T, *shape)
+    num_tasks: int = 0
+    _jacobian: Optional[Tensor] = field(default=None, repr=False)
+
+    @property
+    def jacobian(self) -> Tensor:
+        """(T, P) gradients of the shared parameters, row t = task t (concatenated once, then cached)."""
+        if self._jacobian is None:
+            if self.blocks:
+                self._jacobian = torch.cat(self.blocks, dim=1)
+            else:
+                ref = self.losses
+                self._jacobian = torch.empty(self.num_tasks, 0, dtype=ref.dtype, device=ref.device)
+        return self._jacobian
 
     def task_specific_mean(self) -> Dict[str, Tensor]:
         """Gradient of the mean task loss for every task-specific parameter."""
@@ -100,6 +123,7 @@ def compute_jacobian(loss_fn: LossFn, params: Dict[str, Tensor], batch: Any, tas
     ``per_task_params``: name -> (T, *shape) values used instead of ``params[name]`` for task t (each task at its
     own point, e.g. sharpness-aware perturbations); those entries are vmapped with ``in_dims=0``.
     ``randomness="different"``: random ops in ``loss_fn`` draw independent numbers per task.
+    No host synchronisation: shapes and the chunking plan come from sizes only.
     """
     shared, ts = split_parameters(params, task_specific)
     diff_names = shared + ts
@@ -116,8 +140,6 @@ def compute_jacobian(loss_fn: LossFn, params: Dict[str, Tensor], batch: Any, tas
     if ref is None:
         raise ValueError("params holds no trainable tensor (requires_grad=True)")
     dtype, device = ref.dtype, ref.device
-    n_shared = sum(point[n].numel() for n in shared)
-    n_ts = sum(point[n].numel() for n in ts)
 
     def one_task(diff: Dict[str, Tensor], batch_t: Any, task_id: Tensor) -> Tensor:
         return loss_fn({**const, **diff}, batch_t, task_id)
@@ -127,38 +149,42 @@ def compute_jacobian(loss_fn: LossFn, params: Dict[str, Tensor], batch: Any, tas
 
     if chunk_size is None:
         budget = DEFAULT_MEMORY_BUDGET if memory_budget is None else int(memory_budget)
-        per_task_bytes = max(1, (n_shared + n_ts) * ref.element_size())
+        per_task_bytes = max(1, sum(point[n].numel() for n in diff_names) * ref.element_size())
         chunk_size = max(1, min(t, budget // per_task_bytes))
     chunk_size = max(1, min(int(chunk_size), t))
 
-    jac = torch.empty(t, n_shared, dtype=dtype, device=device)
-    ts_jac = {n: torch.empty((t, *point[n].shape), dtype=point[n].dtype, device=device) for n in ts}
-    losses = torch.empty(t, dtype=dtype, device=device)
-    for start in range(0, t, chunk_size):
-        stop = min(t, start + chunk_size)
-        whole = start == 0 and stop == t
-        b = batch if whole else _slice_tree(batch, start, stop)
-        ids = task_ids if whole else task_ids[start:stop]
-        inputs = {n: (per_task[n] if whole else per_task[n][start:stop]) if n in per_task else point[n]
-                  for n in diff_names}
-        try:
-            grads, vals = batched(inputs, b, ids)
-        except RuntimeError as err:
-            if "vmap: It looks like you" not in str(err):
-                raise
-            raise RuntimeError(
-                "loss_fn cannot run under vmap(grad(...)) over the task axis: it has data-dependent ops on the "
-                "task id or batch (e.g. F.one_hot(task_id) or tensor[task_id]); use vmap-safe forms such as "
-                "(torch.arange(T) == task_id).float() and torch.index_select. Original error: "
-                + str(err).splitlines()[0][:200]) from err
-        if shared:
-            torch.cat([grads[n].reshape(stop - start, -1) for n in shared], dim=1, out=jac[start:stop])
-        for n in ts:
-            ts_jac[n][start:stop] = grads[n]
-        losses[start:stop] = vals.detach()
-        del grads, vals
-    g = gramian(jac) if with_gramian else None
-    return JacobianResult(jac, losses, g, shared, ts, ts_jac)
+    if chunk_size >= t:  # one call: keep the vmap's outputs as they are (no copy)
+        grads, vals = _run(batched, {n: per_task.get(n, point[n]) for n in diff_names}, batch, task_ids)
+        blocks = [grads[n].reshape(t, -1) for n in shared]
+        ts_jac = {n: grads[n] for n in ts}
+        losses = vals.detach()
+    else:  # chunks of the task axis, each written into per-parameter buffers
+        full = {n: torch.empty((t, *point[n].shape), dtype=point[n].dtype, device=device) for n in diff_names}
+        losses = torch.empty(t, dtype=dtype, device=device)
+        for start in range(0, t, chunk_size):
+            stop = min(t, start + chunk_size)
+            inputs = {n: per_task[n][start:stop] if n in per_task else point[n] for n in diff_names}
+            grads, vals = _run(batched, inputs, _slice_tree(batch, start, stop), task_ids[start:stop])
+            torch._foreach_copy_([full[n][start:stop] for n in diff_names], [grads[n] for n in diff_names])
+            losses[start:stop] = vals.detach()
+            del grads, vals
+        blocks = [full[n].reshape(t, -1) for n in shared]
+        ts_jac = {n: full[n] for n in ts}
+    g = gramian_of_blocks(blocks, t, dtype, device) if with_gramian else None
+    return JacobianResult(blocks, losses, g, shared, ts, ts_jac, num_tasks=t)
+
+
+def _run(batched: Any, inputs: Dict[str, Tensor], batch: Any, ids: Tensor) -> Tuple[Dict[str, Tensor], Tensor]:
+    try:
+        return batched(inputs, batch, ids)
+    except RuntimeError as err:
+        if "vmap: It looks like you" not in str(err):
+            raise
+        raise RuntimeError(
+            "loss_fn cannot run under vmap(grad(...)) over the task axis: it has data-dependent ops on the "
+            "task id or batch (e.g. F.one_hot(task_id) or tensor[task_id]); use vmap-safe forms such as "
+            "(torch.arange(T) == task_id).float() and torch.index_select. Original error: "
+            + str(err).splitlines()[0][:200]) from err
 
 
 def losses_at(loss_fn: LossFn, params: Dict[str, Tensor], batch: Any, task_ids: Tensor,
@@ -178,11 +204,40 @@ def gramian(jacobian: Tensor) -> Tensor:
     return (g + g.T) / 2
 
 
+def gramian_of_blocks(blocks: Sequence[Tensor], t: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """G = sum_p B_p B_p^T over the (T, n_p) per-parameter blocks of J (no concatenated J), symmetrised, at
+    full float32 precision (one ``addmm_`` per block into a T x T accumulator)."""
+    g = torch.zeros(t, t, dtype=dtype, device=device)
+    with full_precision():
+        for b in blocks:
+            g.addmm_(b, b.T)
+    return (g + g.T) / 2
+
+
 def combine(weights: Tensor, jacobian: Tensor) -> Tensor:
-    """``w^T J`` (P,) at full precision; ``weights`` may live on the CPU / in float64."""
+    """``w^T J`` (P,) at full precision; ``weights`` may be float64 (cast to J's dtype, on J's device)."""
     w = weights.to(device=jacobian.device, dtype=jacobian.dtype)
     with full_precision():
         return w @ jacobian
+
+
+def write_combined(params: Dict[str, Tensor], names: Sequence[str], blocks: Sequence[Tensor], weights: Tensor
+                   ) -> None:
+    """``.grad += w^T B_p`` for every shared parameter ``p`` (block ``B_p`` of J): the combined gradient goes
+    straight into each existing ``.grad`` (``addmv_`` in place, also into views of one flat buffer), without
+    forming J or the P-vector ``w^T J``. A missing ``.grad`` is set to the freshly computed product."""
+    if not names:
+        return
+    w = weights.detach().to(device=blocks[0].device, dtype=blocks[0].dtype)
+    with torch.no_grad(), full_precision():
+        for n, b in zip(names, blocks):
+            p = params[n]
+            if p.grad is None:
+                p.grad = (w @ b).reshape(p.shape).to(p.dtype)
+            elif p.grad.is_contiguous() and p.grad.dtype == b.dtype:
+                p.grad.view(-1).addmv_(b.T, w)
+            else:
+                p.grad.add_((w @ b).reshape(p.shape))
 
 
 def flatten(tensors: Dict[str, Tensor], names: Sequence[str]) -> Tensor:
@@ -203,12 +258,24 @@ def unflatten(vec: Tensor, params: Dict[str, Tensor], names: Sequence[str]) -> D
     return out
 
 
-def _accumulate(p: Tensor, g: Tensor) -> None:
-    g = g.detach().to(dtype=p.dtype, device=p.device).reshape(p.shape)
-    if p.grad is None:
-        p.grad = g.clone()
-    else:
-        p.grad.add_(g)
+def accumulate(tensors: Sequence[Tensor], grads: Sequence[Tensor], fresh: bool = False) -> None:
+    """``p.grad += g`` in place for every tensor that has a ``.grad`` (one ``torch._foreach_add_``: the agent
+    keeps persistent ``.grad`` tensors, zeroed in place, possibly views of one flat buffer); ``p.grad = g``
+    where there is none (a copy unless ``fresh``: ``g`` may be a view of something the caller keeps)."""
+    have_p, have_g = [], []
+    for p, g in zip(tensors, grads):
+        g = g.detach().reshape(p.shape)
+        if g.dtype != p.dtype or g.device != p.device:
+            g, copied = g.to(dtype=p.dtype, device=p.device), True
+        else:
+            copied = fresh
+        if p.grad is None:
+            p.grad = g if copied else g.clone()
+        else:
+            have_p.append(p.grad)
+            have_g.append(g)
+    if have_p:
+        torch._foreach_add_(have_p, have_g)
 
 
 def write_back(params: Dict[str, Tensor], names: Sequence[str], vec: Tensor) -> None:
@@ -218,15 +285,15 @@ def write_back(params: Dict[str, Tensor], names: Sequence[str], vec: Tensor) -> 
     if vec.dim() != 1 or vec.numel() != n_total:
         raise ValueError(f"combined gradient has shape {tuple(vec.shape)}, expected ({n_total},)")
     with torch.no_grad():
-        for n, g in unflatten(vec, params, names).items():
-            _accumulate(params[n], g)
+        parts = unflatten(vec, params, names)
+        accumulate([params[n] for n in names], [parts[n] for n in names])
 
 
-def write_task_specific(params: Dict[str, Tensor], grads: Dict[str, Tensor]) -> None:
-    """Write (accumulate) ordinary gradients, e.g. ``JacobianResult.task_specific_mean()``."""
+def write_task_specific(params: Dict[str, Tensor], grads: Dict[str, Tensor], fresh: bool = False) -> None:
+    """Write (accumulate) ordinary gradients, e.g. ``JacobianResult.task_specific_mean()`` (``fresh``: the
+    tensors are new and owned by nobody else, so they may become ``.grad`` without a copy)."""
     with torch.no_grad():
-        for n, g in grads.items():
-            _accumulate(params[n], g)
+        accumulate([params[n] for n in grads], list(grads.values()), fresh=fresh)
 
 
 def numel(params: Dict[str, Tensor], names: Sequence[str]) -> int:

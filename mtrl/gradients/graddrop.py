@@ -10,7 +10,8 @@ here (torchjd loops over the rows with full-length temporaries: 8x the MT-SAC up
 (one ``torch.rand(P)``), same result (tested against torchjd). Departure from the paper: the paper applies
 GradDrop to the gradients at a shared activation layer (summed over the batch); like torchjd, we apply it to the
 parameter gradients of the shared network (the engine's Jacobian), since MTRL critics have no separate encoder.
-Not linear, not non-conflicting (JD paper Table 1).
+Not linear, not non-conflicting (JD paper Table 1). The thresholds U come from the method's generator
+(``set_generator``; None: the global RNG), drawn on J's device; no host synchronisation.
 """
 
 from __future__ import annotations
@@ -38,13 +39,20 @@ class GradDrop(JacobianMethod):
             raise bad_option(self.name, "leak", leak, f"a number in [0, 1] or a list of {self.num_tasks} of them")
         self._leak = [float(v) for v in vals] * (1 if isinstance(leak, (list, tuple)) else self.num_tasks)
 
+    def _leak_on(self, j: Tensor) -> Tensor:
+        """The leak vector on J's device (built once per device/dtype: no host-to-device copy per update)."""
+        cached = getattr(self, "_leak_t", None)
+        if cached is None or cached.device != j.device or cached.dtype != j.dtype:
+            cached = self._leak_t = torch.tensor(self._leak, dtype=j.dtype).to(j.device)
+        return cached
+
     def aggregate(self, jacobian: Tensor, gramian: Tensor) -> Tuple[Tensor, Dict[str, Any]]:
         j = jacobian
         if j.shape[1] == 0:
             return torch.zeros(0, dtype=j.dtype, device=j.device), {}
         # sum_i (l_i + (1 - l_i) M_ik) g_ik with M_ik = [P_k > U_k][g_ik > 0] + [P_k < U_k][g_ik < 0]
         # = l^T J + where(P > U, (1 - l)^T J+, where(P < U, (1 - l)^T J-, 0)): two passes over J.
-        leak = torch.tensor(self._leak, dtype=j.dtype, device=j.device)
+        leak = self._leak_on(j)
         pos = j.clamp(min=0)
         neg = j - pos
         ones = torch.ones_like(leak)
@@ -53,7 +61,7 @@ class GradDrop(JacobianMethod):
             kept_pos, kept_neg = (1 - leak) @ pos, (1 - leak) @ neg
             leaked = leak @ j
         purity = 0.5 * (1.0 + (p_sum + n_sum) / (p_sum - n_sum))  # nan where every task's coordinate is 0
-        u = torch.rand(purity.shape, dtype=j.dtype, device=j.device)
+        u = torch.rand(purity.shape, dtype=j.dtype, device=j.device, generator=self.generator)
         zero = torch.zeros((), dtype=j.dtype, device=j.device)
         kept = torch.where(purity > u, kept_pos, torch.where(purity < u, kept_neg, zero))
         return leaked + kept, {}

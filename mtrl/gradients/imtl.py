@@ -5,10 +5,11 @@ Update rule: d = J^T w with sum(w) = 1 such that d has the same projection on ev
 d . u_i equal for all i (u_i = g_i / |g_i|). Closed form w proportional to G^+ |g| (|g| = the vector of norms),
 normalised to sum 1 (a convex-like combination: mean-like scale).
 
-Reference followed: torchjd 0.18 ``IMTLGWeighting`` used as is on our float64 Gramian (the JD paper's
-generalisation of the paper's closed form to linearly dependent gradients; equal to LibMTL's/Nash-MTL repo's
-closed form when the gradients are independent). Departures: only IMTL-G; the loss-scale half (IMTL-L, learnable
-log-scales) is not included.
+Reference followed: torchjd 0.18 ``IMTLGWeighting`` (the JD paper's generalisation of the paper's closed form to
+linearly dependent gradients; equal to LibMTL's/Nash-MTL repo's closed form when the gradients are independent),
+reimplemented with device ops on the float64 Gramian (``imtl_weights``: same pinv, the "sum ~ 0 -> zero weights"
+branch as a ``torch.where``; equal to torchjd's to 1e-6, tested, also on rank-deficient Gramians). Departures:
+only IMTL-G; the loss-scale half (IMTL-L, learnable log-scales) is not included.
 """
 
 from __future__ import annotations
@@ -20,15 +21,17 @@ from .base import GramianMethod
 from .registry import register
 
 
+def imtl_weights(gramian: Tensor) -> Tensor:
+    """w = G^+ |g| / sum(G^+ |g|), or 0 where that sum is ~0 (|sum| < 1e-12), on the Gramian's device."""
+    v = torch.linalg.pinv(gramian) @ torch.sqrt(torch.diagonal(gramian))
+    s = v.sum()
+    ok = s.abs() >= 1e-12
+    return torch.where(ok, v / torch.where(ok, s, torch.ones_like(s)), torch.zeros_like(v))
+
+
 @register("imtl")
 class IMTLG(GramianMethod):
     name = "imtl"
 
-    def __init__(self, num_tasks: int, **kwargs) -> None:
-        super().__init__(num_tasks, **kwargs)
-        from torchjd.aggregation import IMTLGWeighting
-
-        self._weighting = IMTLGWeighting()
-
     def weights(self, gramian: Tensor) -> Tensor:
-        return self._weighting(gramian).to(torch.float64)
+        return imtl_weights(gramian)

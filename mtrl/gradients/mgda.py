@@ -25,6 +25,7 @@ from .registry import register
 @register("mgda")
 class MGDA(GramianMethod):
     name = "mgda"
+    host_solver = True  # exact float64 solver (numpy, data-dependent active sets): one T x T host copy
 
     def weights(self, gramian: Tensor) -> Tensor:
         return torch.from_numpy(solvers.mgda_weights(gramian))

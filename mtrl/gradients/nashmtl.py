@@ -33,6 +33,7 @@ from .registry import register
 @register("nashmtl")
 class NashMTL(GramianMethod):
     name = "nashmtl"
+    host_solver = True  # exact float64 solver (numpy, data-dependent active sets): one T x T host copy
     OPTIONS = {"update_weights_every": 1, "max_norm": 1.0}
 
     def _check_options(self) -> None:
@@ -73,18 +74,18 @@ class NashMTL(GramianMethod):
         grads = torch.autograd.grad((alpha * losses).sum(), tensors, retain_graph=bool(ts), allow_unused=True)
         grads = [torch.zeros_like(p) if g is None else g for p, g in zip(tensors, grads)]
         max_norm = float(self.options["max_norm"])
-        if max_norm > 0:
+        if max_norm > 0:  # clip on the device: scale = min(1, max_norm / |g|), no host read of the norm
             norm = torch.sqrt(sum((g.double() ** 2).sum() for g in grads))
-            if norm > max_norm:
-                grads = [g * (max_norm / norm).to(g.dtype) for g in grads]
-        engine.write_task_specific(params, dict(zip(shared, grads)))
+            scale = (max_norm / norm.clamp(min=max_norm)).to(grads[0].dtype) if grads else None
+            grads = [g * scale for g in grads]
+        engine.write_task_specific(params, dict(zip(shared, grads)), fresh=True)
         if ts:
             ts_tensors = [params[n] for n in ts]
             ts_grads = torch.autograd.grad(losses.mean(), ts_tensors, allow_unused=True)
             engine.write_task_specific(
                 params, {n: (torch.zeros_like(p) if g is None else g) for n, p, g in zip(ts, ts_tensors, ts_grads)})
         self._step += 1
-        return {"losses": losses.detach(), "weights": alpha.detach().to("cpu", torch.float32)}
+        return {"losses": losses.detach(), "weights": alpha.detach().to(torch.float32)}
 
     def state_dict(self) -> Dict[str, Any]:
         return {"alpha": None if self._alpha is None else torch.from_numpy(self._alpha.copy()), "step": self._step}

@@ -4,9 +4,12 @@ Update rule (Algorithm 1): for every task i, g_i' <- g_i, then for every other t
 if g_i' . g_j < 0, g_i' <- g_i' - (g_i' . g_j / |g_j|^2) g_j (projection against the ORIGINAL g_j);
 d = sum_i g_i' (SUM over tasks, as the official TF code, LibMTL and torchjd).
 
-Reference followed: torchjd 0.18 ``PCGradWeighting`` used as is on our Gramian (float64): it keeps, for each i,
-the coefficients of g_i' on the original gradients, so d = w^T J with w the summed coefficients. The order is
-drawn per task with ``torch.randperm`` (the global torch RNG; seed it for reproducibility), skipping i itself.
+Reference followed: torchjd 0.18 ``PCGradWeighting`` (the rule on the Gramian: g_i' = sum_k C_ik g_k, so
+g_i' . g_j = (C G)_ij and d = w^T J with w the column sums of C). Implementation: the same computation vectorised
+over i on the Gramian's device (``pcgrad_weights``): T - 1 steps, step k projects every task i against its k-th
+task ``orders[i, k]`` at once (each row of C only depends on its own order, so this equals the per-task loops).
+The orders -- one uniformly random permutation of the other tasks per task -- are drawn on the device from the
+method's generator (``set_generator``; None: torch's global RNG), with no host synchronisation.
 Departures: none in the rule. (The official TF code's shuffle is a no-op, tianheyu927/PCGrad#3/#5; not copied.)
 The SAC use in the paper applies PCGrad to the critic and the actor losses separately: build one instance each.
 """
@@ -16,19 +19,30 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ._orders import random_orders
 from .base import GramianMethod
 from .registry import register
+
+
+def pcgrad_weights(gramian: Tensor, orders: Tensor) -> Tensor:
+    """Algorithm 1 on the Gramian, all tasks at once: (T, T) Gramian, (T, T-1) orders -> (T,) weights."""
+    t = gramian.shape[0]
+    rows = torch.arange(t, device=gramian.device)
+    coef = torch.eye(t, dtype=gramian.dtype, device=gramian.device)  # g_i' = sum_k coef[i, k] g_k
+    sq = torch.diagonal(gramian)
+    safe_sq = torch.where(sq > 0, sq, torch.ones_like(sq))
+    for k in range(t - 1):
+        j = orders[:, k]
+        inner = (coef * gramian.index_select(0, j)).sum(dim=1)  # g_i' . g_j for every i
+        step = torch.where(inner < 0, inner / safe_sq.index_select(0, j), torch.zeros_like(inner))
+        coef.index_put_((rows, j), -step, accumulate=True)
+    return coef.sum(dim=0)
 
 
 @register("pcgrad")
 class PCGrad(GramianMethod):
     name = "pcgrad"
 
-    def __init__(self, num_tasks: int, **kwargs) -> None:
-        super().__init__(num_tasks, **kwargs)
-        from torchjd.aggregation import PCGradWeighting
-
-        self._weighting = PCGradWeighting()
-
     def weights(self, gramian: Tensor) -> Tensor:
-        return self._weighting(gramian).to(torch.float64)
+        orders = random_orders(gramian.shape[0], self.generator, gramian.device)
+        return pcgrad_weights(gramian, orders)

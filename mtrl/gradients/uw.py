@@ -44,7 +44,7 @@ class UncertaintyWeighting(LossWeightingMethod):
         s = self.log_vars
         total = (losses / (2 * torch.exp(s.to(losses.dtype))) + s.to(losses.dtype) / 2).sum()
         self._opt.zero_grad(set_to_none=True)
-        return total, {"weights": (0.5 * torch.exp(-s.detach())).to("cpu", torch.float32)}
+        return total, {"weights": (0.5 * torch.exp(-s.detach())).to(torch.float32)}
 
     def after_backward(self, losses: Tensor) -> None:
         self._opt.step()
