@@ -88,7 +88,7 @@ def test_moe_host_state_roundtrip_gives_identical_next_perturbation():
     data = batches(6)
     for n in range(4):  # snapshots at every update (the set of 2 fills, then replaces), a perturbation at update 3
         moe_update(bb, other, opt, data[n], n)
-    assert bb.n_perturbations == 1 and len(bb._snapshots) == 2 and math.isfinite(bb._loss_ema)
+    assert bb.n_perturbations == 1 and len(bb.snapshots()) == 2 and math.isfinite(bb._loss_ema)
 
     state = roundtrip(bb.host_state())
     assert_same(state, bb.host_state())
@@ -134,8 +134,8 @@ def test_moe_host_state_is_not_aliased_to_live_parameters_and_rejects_other_netw
         wider.load_host_state(roundtrip(state))
     smaller = build_backbone("moe", D, O, T, **{**MOE, "tp_set_size": 1})
     smaller.load_host_state(bb.host_state())  # keeps the best snapshot of the two
-    best = max(s for s, _ in bb._snapshots)
-    assert [s for s, _ in smaller._snapshots] == [best]
+    best = max(s for s, _ in bb.snapshots())
+    assert [s for s, _ in smaller.snapshots()] == [best]
 
 
 @pytest.mark.parametrize("reset", [True, False])
@@ -240,7 +240,7 @@ def test_mtsac_checkpoint_carries_moe_host_state_and_resumes_identically():
         ag.update(sac_batch(n))
     mods = lambda a: {"actor": a.actor.net, "q1": a.critic.q1, "q2": a.critic.q2}  # noqa: E731
     for m in mods(ag).values():
-        assert len(m._snapshots) == 2 and m.n_perturbations == 1
+        assert len(m.snapshots()) == 2 and m.n_perturbations == 1
 
     state = roundtrip(ag.state_dict())
     assert set(state["host_state"]) == {"0.net", "1.q1", "1.q2"}

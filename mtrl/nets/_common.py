@@ -4,8 +4,15 @@
 * :func:`task_one_hot` — vmap-safe one-hot (``task_id`` is (B,) outside vmap, 0-d inside the task-batched vmap);
 * :class:`Backbone` — base class: records the inputs of the last update in ``after_step`` so that
   ``diagnostics()`` can run without arguments, and finds the backbone's own parameter names in ``ctx["params"]``;
-* :func:`grouped_by_task` — run a per-task function on each task's rows of a mixed (B,) batch (outside vmap only);
+* :func:`grouped_by_task` — a per-task function on a mixed (B,) batch: each task's rows on the host CPU, a dense
+  sync-free form on any other device;
+* :func:`mixed_linear` — Σ_j c[b, j] · (h[b] @ W_j) as one matrix product (per-row mixtures of weight banks);
 * :func:`topk_renorm` — top-k of a probability vector, renormalised, scattered back to a dense (…, E) weight.
+
+Device rules (``shared/reference/fast_learner.md``, tested on ``meta`` by tests/test_device_backbones.py): every
+tensor is created on its inputs' device; ``forward``, ``after_step`` and ``diagnostics`` never read a tensor's value
+on the host (no ``.item()``/``.tolist()``/``bool(t)``/numpy); host-side decisions use host-side schedule and
+configuration only. ``host_state``/``load_host_state`` (checkpoint time) may read values.
 """
 
 from __future__ import annotations
@@ -76,17 +83,30 @@ def cv_squared(x: Tensor) -> Tensor:
     return x.float().var() / (x.float().mean().pow(2) + 1e-10)
 
 
-def grouped_by_task(x: Tensor, task_id: Tensor, out_dim: int, fn: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
-    """``fn(x_t, t)`` on each task's rows of a mixed batch, reassembled in batch order. For (B,) ids outside vmap
-    (acting, target computation); inside the task-batched vmap ``task_id`` is 0-d and ``fn`` is called directly."""
+def grouped_by_task(x: Tensor, task_id: Tensor, out_dim: int, fn: Callable[[Tensor, Tensor], Tensor],
+                    dense: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+    """A per-task network on a batch. Inside the task-batched vmap ``task_id`` is 0-d: ``fn(x, task_id)``. For (B,)
+    ids outside vmap (acting, target computation): on the host CPU, ``fn(x_t, t)`` on each task's rows, reassembled
+    in batch order (reading the ids costs nothing there, and each task's rows only see their own weights); on any
+    other device ``dense(x, task_id)``, which must compute every row's own task's output without reading the ids
+    on the host (e.g. with :func:`mixed_linear`; more FLOPs, no synchronisation)."""
     if task_id.dim() == 0:
         return fn(x, task_id)
+    if task_id.device.type != "cpu":
+        return dense(x, task_id)
     out = x.new_zeros(x.shape[0], out_dim)
     for t in torch.unique(task_id).tolist():
         idx = (task_id == t).nonzero().squeeze(-1)
         y = fn(x.index_select(0, idx), torch.tensor(t, device=task_id.device))
         out = out.index_copy(0, idx, y.to(out.dtype))
     return out
+
+
+def mixed_linear(h: Tensor, coef: Tensor, w: Tensor) -> Tensor:
+    """Σ_j coef[b, j] · (h[b] @ w[j]) for h (B, in), coef (B, J), w (J, in, out): one (B, J·in) @ (J·in, out)
+    product, sync-free for any per-row mixture (a one-hot ``coef`` picks each row's own weight)."""
+    B, J = coef.shape
+    return (coef.unsqueeze(-1) * h.unsqueeze(1)).reshape(B, J * h.shape[-1]) @ w.reshape(J * w.shape[1], w.shape[2])
 
 
 def backbone_inputs(ctx: Dict[str, Any], in_dim: int) -> Optional[Tuple[Tensor, Tensor]]:
@@ -146,7 +166,9 @@ class Backbone(nn.Module):
     @torch.no_grad()
     def diagnostics(self, x: Optional[Tensor] = None, task_id: Optional[Tensor] = None) -> Dict[str, Any]:
         """Diagnostics on (x, task_id) or, when not given, on the inputs recorded at the last ``after_step``.
-        Values are floats or numpy arrays (per-task arrays have length T)."""
+        Values are detached tensors on the module's device (0-d or n-d; per-task ones have length T on their first
+        axis), computed without a host sync, or plain Python numbers for host-side counters. The logger converts
+        (``v.detach().cpu().numpy()``) when it writes."""
         if x is None:
             if self._last is None:
                 return {}
@@ -158,8 +180,7 @@ class Backbone(nn.Module):
             out = self._diagnostics(x, task_id.long())
         finally:
             self.train(was)
-        return {k: (v.detach().cpu().numpy() if isinstance(v, Tensor) and v.dim() > 0 else
-                    float(v) if isinstance(v, (Tensor, int, float)) else v) for k, v in out.items()}
+        return {k: (v.detach() if isinstance(v, Tensor) else v) for k, v in out.items()}
 
     def _diagnostics(self, x: Tensor, task_id: Tensor) -> Dict[str, Any]:
         return {}
@@ -180,11 +201,9 @@ def linear_init(w: Tensor, b: Optional[Tensor], fan_in: int) -> None:
             b.uniform_(-bound, bound)
 
 
-def dormant_ratio(acts: list, tau: float = 0.025) -> float:
-    """DrM/MENTOR dormant ratio: fraction of units whose mean |activation| < tau × the layer's mean."""
-    dormant, total = 0, 0
-    for a in acts:
-        s = a.abs().reshape(-1, a.shape[-1]).mean(0)
-        dormant += int((s < tau * s.mean()).sum())
-        total += s.numel()
-    return dormant / max(total, 1)
+def dormant_ratio(acts: list, tau: float = 0.025) -> Tensor:
+    """DrM/MENTOR dormant ratio: fraction of units whose mean |activation| < tau × the layer's mean (a 0-d float
+    tensor on the activations' device; the unit count is known from the shapes)."""
+    counts = [(s < tau * s.mean()).sum() for s in (a.abs().reshape(-1, a.shape[-1]).mean(0) for a in acts)]
+    total = sum(a.shape[-1] for a in acts)
+    return torch.stack(counts).sum().float() / max(total, 1)

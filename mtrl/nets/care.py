@@ -111,6 +111,6 @@ class CARE(Backbone):
         return (out, out.new_zeros(())) if return_aux else out
 
     def _diagnostics(self, x: Tensor, task_id: Tensor) -> Dict[str, Any]:
-        ids = torch.arange(self.num_tasks)
+        ids = torch.arange(self.num_tasks, device=x.device)
         a = self.attention_weights(self._context(ids, self.num_tasks, x.dtype))  # (T, k): one context per task
         return {"encoder_attention": a, "attention_entropy": entropy(a)}

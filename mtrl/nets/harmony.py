@@ -23,6 +23,11 @@ the output "prediction" head and all biases are never masked (``mask_input_layer
   masked tensors in proportion to their size (a per-layer budget, §3.5.4).
 * ``after_step`` returns True after a flip: SAC then copies the critic's masks into the target critic, which
   shares them (a small edit in agents/sac.py).
+* Device: ``after_step`` is sync-free. The score EMAs are device tensors; the number of active entries per task
+  and tensor comes from the configuration (the exact count set at init, which every flip preserves), and the
+  return value (a flip happened) from the schedule and that count. Mixed (B,) task ids off the host CPU (targets
+  on CUDA) run each masked layer for every task and keep each row's own (:func:`mixed_linear`: T times the FLOPs
+  of those layers, no synchronisation).
 * Checkpoints: the masks are buffers (in ``state_dict``); the score EMAs ĝ_t, F_t and the counters are host state
   (``host_state()`` / ``load_host_state()``, tensors under string layer keys for a ``weights_only`` load), saved
   in the agents' checkpoints, so a resumed run scores and flips as an uninterrupted one would.
@@ -38,8 +43,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import grad, vmap
 
-from ._common import (Backbone, check_bool, check_float, check_int, grouped_by_task, parse_options, take,
-                      task_one_hot)
+from ._common import (Backbone, check_bool, check_float, check_int, grouped_by_task, mixed_linear, parse_options,
+                      take, task_one_hot)
 from .registry import register
 
 
@@ -75,10 +80,12 @@ class HarmonyMasks(Backbone):
         self.head = nn.Linear(width, out_dim)
         self.masked = [i for i in range(depth) if i > 0 or mask_in]
         g = torch.Generator().manual_seed(o["seed"])
+        self._n_active: Dict[int, int] = {}  # active entries per task of each masked tensor (flips preserve it)
         for i in self.masked:
             w = self.layers[i].weight
             n = w.numel()
             keep = int(round(density * n))
+            self._n_active[i] = keep
             m = torch.zeros(num_tasks, n, dtype=torch.bool)
             for t in range(num_tasks):
                 m[t, torch.randperm(n, generator=g)[:keep]] = True
@@ -93,17 +100,24 @@ class HarmonyMasks(Backbone):
         return getattr(self, f"mask{i}")
 
     # -- forward -----------------------------------------------------------------------------------------------
-    def _forward_one(self, x: Tensor, t: Tensor) -> Tensor:
-        h = torch.cat([x, task_one_hot(t, self.num_tasks, x.shape[0], x.dtype)], dim=-1)
+    def _forward_tasks(self, x: Tensor, t: Tensor) -> Tensor:
+        """One task's network (0-d ``t``), or each row's own task's ((B,) ``t``: every task's masked weights, each
+        row keeping its own task's output)."""
+        oh = task_one_hot(t, self.num_tasks, x.shape[0], x.dtype)
+        h = torch.cat([x, oh], dim=-1)
         for i, layer in enumerate(self.layers):
             w = layer.weight
-            if i in self.masked:
-                w = w * take(self.mask(i), t).to(w.dtype)
-            h = F.relu(F.linear(h, w, layer.bias))
+            if i not in self.masked:
+                h = F.linear(h, w, layer.bias)
+            elif t.dim() == 0:
+                h = F.linear(h, w * take(self.mask(i), t).to(w.dtype), layer.bias)
+            else:
+                h = mixed_linear(h, oh, (w * self.mask(i).to(w.dtype)).transpose(1, 2)) + layer.bias
+            h = F.relu(h)
         return self.head(h)
 
     def forward(self, x: Tensor, task_id: Tensor, return_aux: bool = False):
-        out = grouped_by_task(x, task_id, self.out_dim, self._forward_one)
+        out = grouped_by_task(x, task_id, self.out_dim, self._forward_tasks, self._forward_tasks)
         return (out, out.new_zeros(())) if return_aux else out
 
     # -- harmony mask updates ----------------------------------------------------------------------------------
@@ -156,7 +170,7 @@ class HarmonyMasks(Backbone):
             fisher = self._ema_g2[i].view(T, -1)
             gbar = g.mean(0, keepdim=True)  # new tensor: no aliasing with any task's row
             harmony = gbar * g
-            n_act = int(flat[0].sum())
+            n_act = self._n_active[i]
             k = min(int(round(k_total * sizes[i] / n_all)), n_act, flat.shape[1] - n_act)
             if k <= 0:
                 continue

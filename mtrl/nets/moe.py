@@ -41,6 +41,13 @@ Task-oriented perturbation (``after_step``, MENTOR §1.2 adapted to online multi
 * Checkpoints: the snapshot set, the loss EMA and the counters are host state (``host_state()`` /
   ``load_host_state()``, plain tensors and numbers for a ``weights_only`` load), which the agents save in their
   checkpoints, so a resumed run takes the same snapshots and perturbs from the same set.
+* Device: ``after_step`` is sync-free. The loss EMA, the snapshot scores and the set itself (one (S, …) bank per
+  parameter) live on the parameters' device; the slot a snapshot takes (the first empty one, else the worst, if
+  the new score is better) is chosen with ``argmin``/``where`` there, and the dormant ratio and α are device
+  tensors. What happens on the host follows the schedule only: a snapshot is offered every ``snapshot_interval``
+  updates once losses have been seen, and a perturbation runs every ``perturb_interval`` updates once a snapshot
+  has been offered (in SAC the losses are finite whenever the hooks run, so every offer is taken; a perturbation
+  with an empty set on the device keeps θ, α = 1).
 * Not done: MENTOR's shrink-perturb of its convolutional image encoder (θ ← α θ + (1 − α) θ_init, fresh random
   init, no snapshots): it exists for pixel observations; with state observations there is no encoder (the trunk
   here is MENTOR's MLP part and gets the snapshot perturbation). MENTOR also perturbs its target critic from
@@ -143,13 +150,20 @@ class MentorMoE(Backbone):
         self.experts = ExpertBank(E, width, eh, width, init="xavier")
         self.gate = nn.Sequential(nn.Linear(width, gh), nn.ReLU(), nn.Dropout(self.gate_dropout), nn.Linear(gh, E))
         self.head = nn.Linear(width, out_dim)
-        # perturbation state: host-side, outside state_dict; checkpointed through host_state()
-        self._snapshots: List[Tuple[float, Dict[str, Tensor]]] = []
-        self._loss_ema: float = math.nan
+        # Perturbation state, outside state_dict (checkpointed through host_state()). Device tensors: non-persistent
+        # buffers (they follow .to()); the snapshot bank {name: (S, *shape)} is allocated at the first snapshot.
+        S = o["tp_set_size"]
+        self.register_buffer("_loss_ema", torch.tensor(math.nan, dtype=torch.float64), persistent=False)
+        self.register_buffer("_snap_scores", torch.full((S,), -math.inf, dtype=torch.float64), persistent=False)
+        self.register_buffer("_snap_filled", torch.zeros(S, dtype=torch.bool), persistent=False)
+        self.register_buffer("last_alpha", torch.tensor(math.nan), persistent=False)
+        self.register_buffer("last_dormant", torch.tensor(math.nan), persistent=False)
+        self._bank: Dict[str, Tensor] = {}
+        # Host side, from the schedule: losses seen, snapshots offered (capped at S), updates, perturbations.
+        self._seen_losses = False
+        self._n_offered = 0
         self._steps = 0
         self.n_perturbations = 0
-        self.last_alpha = math.nan
-        self.last_dormant = math.nan
 
     # -- forward -----------------------------------------------------------------------------------------------
     def _route(self, h: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
@@ -194,17 +208,23 @@ class MentorMoE(Backbone):
         self._steps += 1
         losses = (ctx.get("info") or {}).get("losses")
         if losses is not None:
-            cur = float(torch.as_tensor(losses).detach().float().mean())
-            if math.isfinite(cur):
-                b = self.opt["loss_ema"]
-                self._loss_ema = cur if math.isnan(self._loss_ema) else b * self._loss_ema + (1 - b) * cur
-        if self._steps % self.opt["snapshot_interval"] == 0 and math.isfinite(self._loss_ema):
+            self._update_loss_ema(losses)
+        if self._steps % self.opt["snapshot_interval"] == 0 and self._seen_losses:
             self.add_snapshot(-self._loss_ema)
-        if self._steps % self.opt["perturb_interval"] == 0 and self._snapshots:
+        if self._steps % self.opt["perturb_interval"] == 0 and self._n_offered:
             self.perturb()
             if self.opt["reset_optimizer"] and ctx.get("optimizer") is not None:
                 self.reset_optimizer_state(ctx["optimizer"])
         return False
+
+    @torch.no_grad()
+    def _update_loss_ema(self, losses: Tensor) -> None:
+        """EMA of the mean per-task loss (float64, as the host float it was); a non-finite mean leaves it as is."""
+        cur = torch.as_tensor(losses).detach().float().mean().to(self._loss_ema)
+        ema, b = self._loss_ema, self.opt["loss_ema"]
+        new = torch.where(torch.isnan(ema), cur, b * ema + (1 - b) * cur)
+        ema.copy_(torch.where(torch.isfinite(cur), new, ema))
+        self._seen_losses = True
 
     def reset_optimizer_state(self, opt: torch.optim.Optimizer) -> int:
         """Drop ``opt``'s state (Adam moments, step) of this backbone's parameters only; other parameters in the
@@ -212,42 +232,66 @@ class MentorMoE(Backbone):
         return sum(opt.state.pop(p, None) is not None for p in self.parameters())
 
     @torch.no_grad()
-    def add_snapshot(self, score: float) -> bool:
-        """Keep the top-``tp_set_size`` snapshots by score (higher is better)."""
-        snap = {n: p.detach().clone() for n, p in self.named_parameters()}
-        if len(self._snapshots) < self.opt["tp_set_size"]:
-            self._snapshots.append((score, snap))
-            return True
-        worst = min(range(len(self._snapshots)), key=lambda i: self._snapshots[i][0])
-        if score > self._snapshots[worst][0]:
-            self._snapshots[worst] = (score, snap)
-            return True
-        return False
+    def add_snapshot(self, score: Tensor) -> None:
+        """Keep the top-``tp_set_size`` snapshots by score (higher is better), on the device: the snapshot takes the
+        first empty slot or, when the set is full, replaces the worst (first of ties) if it scores higher; a
+        non-finite score is not kept. The bank is rebuilt out of place, so a ``host_state()`` taken earlier keeps
+        the snapshots it saw."""
+        S = self.opt["tp_set_size"]
+        scores, filled = self._snap_scores, self._snap_filled
+        score = torch.as_tensor(score).to(scores)
+        key = torch.where(filled, scores, -math.inf)  # empty slots first
+        slot = torch.arange(S, device=scores.device) == key.argmin()
+        take = slot & torch.isfinite(score) & (score > key.min())
+        scores.copy_(torch.where(take, score, scores))
+        filled.logical_or_(take)
+        for n, p in self.named_parameters():
+            bank = self._bank.get(n)
+            if bank is None:
+                bank = torch.zeros((S, *p.shape), dtype=p.dtype, device=p.device)
+            self._bank[n] = torch.where(take.view(S, *[1] * p.dim()), p.detach().unsqueeze(0), bank)
+        self._n_offered = min(self._n_offered + 1, S)
+
+    def snapshots(self) -> List[Tuple[float, Dict[str, Tensor]]]:
+        """The kept snapshots as (score, {name: tensor}) in slot order (reads the scores: checkpoints and tests,
+        not the update step). The tensors are views of the bank, which is never written in place."""
+        filled, scores = self._snap_filled.tolist(), self._snap_scores.tolist()
+        return [(scores[i], {n: b[i] for n, b in self._bank.items()}) for i in range(len(filled)) if filled[i]]
 
     @torch.no_grad()
-    def perturb(self) -> float:
-        """θ ← α θ + (1 − α) φ, φ ~ N(mean, std of the snapshot set). Returns α."""
-        beta = 0.0
+    def perturb(self) -> Tensor:
+        """θ ← α θ + (1 − α) φ, φ ~ N(mean, std of the snapshot set). Returns α (a device tensor; 1 when the set is
+        empty on the device)."""
+        o = self.opt
         if self._last is not None:
             beta = dormant_ratio(self.hidden_activations(*self._last))
-        o = self.opt
-        alpha = min(max(1.0 - o["perturb_rate"] * beta, o["min_perturb_factor"]), o["max_perturb_factor"])
-        for n, p in self.named_parameters():
-            stack = torch.stack([s[n] for _, s in self._snapshots])
-            mu, sd = stack.mean(0), stack.std(0, unbiased=False).clamp_min(1e-7)
+        else:
+            beta = torch.zeros((), device=self.last_dormant.device)
+        alpha = (1.0 - o["perturb_rate"] * beta).clamp(min=o["min_perturb_factor"]).clamp(max=o["max_perturb_factor"])
+        S = o["tp_set_size"]
+        w = self._snap_filled.float()
+        n = w.sum()
+        alpha = torch.where(n > 0, alpha, torch.ones_like(alpha))
+        for name, p in self.named_parameters():
+            stack = self._bank[name]
+            wv = w.view(S, *[1] * p.dim()).to(p.dtype)
+            mu = (stack * wv).sum(0) / n.clamp_min(1)
+            sd = (((stack - mu) ** 2) * wv).sum(0).div(n.clamp_min(1)).sqrt().clamp_min(1e-7)
             phi = mu + sd * torch.randn_like(mu)
-            p.mul_(alpha).add_(phi, alpha=1.0 - alpha)
+            a = alpha.to(p.dtype)
+            p.mul_(a).add_(phi * (1.0 - a))
         self.n_perturbations += 1
-        self.last_alpha, self.last_dormant = alpha, beta
+        self.last_alpha.copy_(alpha)
+        self.last_dormant.copy_(beta)
         return alpha
 
     # -- checkpointing of the host-side state --------------------------------------------------------------------
     def host_state(self) -> Dict[str, Any]:
         """The perturbation state, as tensors and plain numbers (a ``torch.load(weights_only=True)`` reads it back).
-        Snapshot tensors are shared, not copied: they are clones taken by :meth:`add_snapshot` and never written in
-        place (a better snapshot replaces an entry), so the live parameters never alias them and a copy would only
-        double the memory of the set while the checkpoint is written."""
-        return {"snapshots": [{"score": float(score), "params": dict(snap)} for score, snap in self._snapshots],
+        Snapshot tensors are shared, not copied: views of the bank, which :meth:`add_snapshot` replaces rather than
+        writes in place, so the live parameters never alias them and a later snapshot does not change a state
+        already taken. Reads device values (checkpoint time, outside the update)."""
+        return {"snapshots": [{"score": float(score), "params": dict(snap)} for score, snap in self.snapshots()],
                 "loss_ema": float(self._loss_ema), "steps": int(self._steps),
                 "n_perturbations": int(self.n_perturbations), "last_alpha": float(self.last_alpha),
                 "last_dormant": float(self.last_dormant)}
@@ -262,17 +306,29 @@ class MentorMoE(Backbone):
             if set(got) != set(params) or any(tuple(got[n].shape) != tuple(p.shape) for n, p in params.items()):
                 raise ValueError(f"backbone 'moe': checkpointed snapshot {i} does not match this network's "
                                  f"parameters (names or shapes differ)")
-            snaps.append((float(entry["score"]),
-                          {n: got[n].detach().to(device=p.device, dtype=p.dtype) for n, p in params.items()}))
-        if len(snaps) > self.opt["tp_set_size"]:  # a smaller set than the run that saved it: keep the best
-            keep = sorted(range(len(snaps)), key=lambda i: snaps[i][0], reverse=True)[: self.opt["tp_set_size"]]
+            snaps.append((float(entry["score"]), got))
+        S = self.opt["tp_set_size"]
+        if len(snaps) > S:  # a smaller set than the run that saved it: keep the best
+            keep = sorted(range(len(snaps)), key=lambda i: snaps[i][0], reverse=True)[:S]
             snaps = [snaps[i] for i in sorted(keep)]
-        self._snapshots = snaps
-        self._loss_ema = float(state["loss_ema"])
+        self._bank = {}
+        for n, p in params.items():
+            bank = torch.zeros((S, *p.shape), dtype=p.dtype, device=p.device)
+            for j, (_, got) in enumerate(snaps):
+                bank[j].copy_(got[n].detach())
+            self._bank[n] = bank
+        self._snap_scores.fill_(-math.inf)
+        self._snap_filled.zero_()
+        for j, (score, _) in enumerate(snaps):
+            self._snap_scores[j] = score
+            self._snap_filled[j] = True
+        self._n_offered = len(snaps)
+        self._loss_ema.fill_(float(state["loss_ema"]))
+        self._seen_losses = math.isfinite(float(state["loss_ema"]))
         self._steps = int(state["steps"])
         self.n_perturbations = int(state["n_perturbations"])
-        self.last_alpha = float(state["last_alpha"])
-        self.last_dormant = float(state["last_dormant"])
+        self.last_alpha.fill_(float(state["last_alpha"]))
+        self.last_dormant.fill_(float(state["last_dormant"]))
 
     # -- diagnostics -------------------------------------------------------------------------------------------
     def _diagnostics(self, x: Tensor, task_id: Tensor) -> Dict[str, Any]:
@@ -287,8 +343,8 @@ class MentorMoE(Backbone):
             "expert_load_per_task": torch.stack([self.per_task_mean(slots[:, e], task_id)
                                                  for e in range(self.num_experts)], 1) / self.top_k,  # (T, E)
             "dormant_ratio": dormant_ratio(self.hidden_activations(x, task_id)),
-            "snapshots": len(self._snapshots),
-            "perturbations": self.n_perturbations,
+            "snapshots": self._snap_filled.sum(),   # kept snapshots (device count)
+            "perturbations": self.n_perturbations,  # host-side counter (int)
             "last_perturb_alpha": self.last_alpha,
         }
 

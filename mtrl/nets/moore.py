@@ -89,7 +89,7 @@ class MOORE(Backbone):
     def _diagnostics(self, x: Tensor, task_id: Tensor) -> Dict[str, Any]:
         u = self.basis(x).transpose(0, 1)  # (B, k, D)
         gram = u @ u.transpose(1, 2)
-        eye = torch.eye(self.k, dtype=u.dtype)
+        eye = torch.eye(self.k, dtype=u.dtype, device=u.device)
         return {"gram_max_error": (gram - eye).abs().max(),          # max |U Uᵀ − I| over the batch
                 "task_weights": self.task_w.detach(),                 # (T, k)
                 "task_weight_norm": self.task_w.detach().norm(dim=1),  # (T,)

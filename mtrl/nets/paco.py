@@ -11,7 +11,12 @@ TToTMooN/paco-mtrl @ b63387f and ALF ``layers.py::CompositionalFC``).
   default 400 × 3) and a compositional output layer (the mean / log-std or Q head).
 * Stability trick (``reset_extreme``, on by default): in ``after_step``, a task whose loss exceeds
   ``extreme_loss`` (3e3) gets its w_t reset to a random convex combination of the other tasks' vectors
-  ("interpolate"). Zeroing that task's loss for the step is the method's job and is not done here.
+  ("interpolate"). Zeroing that task's loss for the step is the method's job and is not done here. The reset is
+  computed on the device without reading the losses on the host: a (T, T) uniform draw at every update (so the
+  global RNG advances each update), applied with ``where`` to the extreme rows; the source rows are read before
+  any reset (the same as a sequential loop unless every task is extreme at once). ``resets`` is a device counter.
+* Mixed (B,) task ids off the host CPU (targets on CUDA): every row mixes the K sets' outputs with its own w_t
+  (one product over K·in, :func:`mixed_linear`: K times the FLOPs, no synchronisation).
 * Deviation: the reference shares one task encoder between actor and critic; here each backbone has its own.
 Task-specific parameters: ``task_w``. MT10 actor (39 -> 8, 400 × 3, K = 5): 1,700,090 parameters.
 """
@@ -25,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._common import Backbone, check_bool, check_float, check_int, grouped_by_task, parse_options, take
+from ._common import (Backbone, check_bool, check_float, check_int, grouped_by_task, mixed_linear, parse_options,
+                      take)
 from .registry import register
 
 
@@ -55,19 +61,20 @@ class PaCo(Backbone):
         g = torch.Generator().manual_seed(int(o["seed"]))
         tw = torch.rand(num_tasks, K, generator=g)
         self.task_w = nn.Parameter(tw / tw.sum(1, keepdim=True))
-        self.resets = 0
+        self.register_buffer("resets", torch.zeros((), dtype=torch.long), persistent=False)  # device counter
 
-    def _forward_one(self, x: Tensor, t: Tensor) -> Tensor:
-        wt = take(self.task_w, t)  # (K,)
+    def _forward_tasks(self, x: Tensor, t: Tensor) -> Tensor:
+        """One task's network (0-d ``t``: θ_t = Φ w_t composed first), or each row's own task's ((B,) ``t``)."""
+        wt = take(self.task_w, t)  # (K,) or (B, K)
         h = x
         for i, (w, b) in enumerate(zip(self.w, self.b)):
-            h = h @ torch.einsum("k,kio->io", wt, w) + wt @ b
+            h = (h @ torch.einsum("k,kio->io", wt, w) if wt.dim() == 1 else mixed_linear(h, wt, w)) + wt @ b
             if i < len(self.w) - 1:
                 h = F.relu(h)
         return h
 
     def forward(self, x: Tensor, task_id: Tensor, return_aux: bool = False):
-        out = grouped_by_task(x, task_id, self.out_dim, self._forward_one)
+        out = grouped_by_task(x, task_id, self.out_dim, self._forward_tasks, self._forward_tasks)
         return (out, out.new_zeros(())) if return_aux else out
 
     def task_specific_parameters(self) -> Set[str]:
@@ -79,14 +86,18 @@ class PaCo(Backbone):
         losses = (ctx.get("info") or {}).get("losses")
         if not self.reset_extreme or losses is None or self.num_tasks < 2:
             return False
-        losses = torch.as_tensor(losses).detach().float().cpu()
-        bad = ((losses > self.extreme_loss) | ~torch.isfinite(losses)).nonzero().flatten().tolist()
-        for t in bad:
-            others = [s for s in range(self.num_tasks) if s not in bad] or [s for s in range(self.num_tasks) if s != t]
-            c = torch.rand(len(others))
-            c = (c / c.sum()).to(self.task_w)
-            self.task_w[t] = c @ self.task_w[others]
-            self.resets += 1
+        tw = self.task_w
+        T = self.num_tasks
+        losses = torch.as_tensor(losses).detach().float().to(tw.device)
+        bad = (losses > self.extreme_loss) | ~torch.isfinite(losses)  # (T,)
+        good = ~bad
+        # Sources of task t: the tasks that are not extreme or, when all are, every other task.
+        others = ~torch.eye(T, dtype=torch.bool, device=tw.device)
+        src = torch.where(good.any(), good.unsqueeze(0).expand(T, T), others)
+        c = torch.rand(T, T, device=tw.device) * src
+        c = (c / c.sum(1, keepdim=True)).to(tw)
+        tw.copy_(torch.where(bad.unsqueeze(1), c @ tw, tw))
+        self.resets += bad.sum()
         return False
 
     def _diagnostics(self, x: Tensor, task_id: Tensor) -> Dict[str, Any]:

@@ -253,33 +253,35 @@ class T2MIR(Backbone):
         return False
 
     def _diagnostics(self, x: Tensor, task_id: Tensor) -> Dict[str, Any]:
+        T = self.num_tasks
         context = None
         if not self.use_task_id:
+            # Only the rows recorded at the last update have known contexts (checked by identity and shapes: no
+            # value is read on the host).
             context = getattr(self, "_last_context", None)
-            T = self.num_tasks
-            if context is None or context.shape[0] != x.shape[0] or x.shape[0] % T or not torch.equal(
-                    task_id, torch.arange(T, device=task_id.device).repeat_interleave(x.shape[0] // T)):
-                return {}  # only the rows recorded at the last update have known contexts
+            if (context is None or self._last is None or x is not self._last[0] or context.shape[0] != x.shape[0]
+                    or x.shape[0] % T):
+                return {}
         _, tok_w, _, tok_p, _ = self._parts(x, task_id, context)
-        ids = torch.arange(self.num_tasks)
         if self.use_task_id:
             z = self.task_emb
             task_w, _ = topk_softmax(self.task_gate(z), self.kk)  # (T, E_task)
             logits = self.task_gate(z) @ self.contrast_w @ self.target_logits(z).T
         else:
-            # Recorded rows are task-major (T x n, see Backbone._record); each task's first and last halves of
-            # rows give its two views (their mean online / target gate logits).
-            T = self.num_tasks
+            # Recorded rows are in T blocks of n, one per entry of the update's task ids (Backbone._record); each
+            # block's first and last halves of rows give its two views (their mean online / target gate logits).
             n = x.shape[0] // T
             zs = self.encoder(context).view(T, n, -1)
-            g = self.task_gate(zs)                                             # (T, n, E_task)
-            task_w = topk_softmax(g, self.kk)[0].mean(1)
+            g = self.task_gate(zs)                                             # (T blocks, n, E_task)
+            blocks = task_one_hot(task_id.view(T, n)[:, 0], T, T, g.dtype)     # (block, task)
+            task_w = blocks.T @ topk_softmax(g, self.kk)[0].mean(1)            # (T, E_task) in task order
             h = max(n // 2, 1)
             logits = g[:, :h].mean(1) @ self.contrast_w @ self.target_logits(zs[:, n - h:]).mean(1).T
+        positives = torch.arange(T, device=logits.device)  # a block's own key (the diagonal)
         return {
             "token_expert_load": (tok_w > 0).float().mean(0) / self.kt,        # (E_tok,) share of top-k slots
             "token_gate_entropy": self.per_task_mean(entropy(tok_p), task_id),  # (T,)
             "task_expert_weights": task_w,                                     # (T, E_task)
             "task_expert_load": task_w.mean(0),                             # (E_task,)
-            "router_contrastive_acc": (logits.argmax(1) == ids).float().mean(),
+            "router_contrastive_acc": (logits.argmax(1) == positives).float().mean(),
         }
