@@ -288,6 +288,7 @@ class MTSAC:
         self.alpha_opt = adam([self.log_alpha], cfg.alpha_lr, self.device)
         self.alpha_grads = FlatGrads([self.log_alpha])
         wire_methods(self, num_tasks, method, method_kwargs, actor_method, seed)
+        self._step_fn = self.step
 
     # --- per-task losses (one task's slice; vmapped over the task axis) ---------------------------------------
     def critic_loss_one(self, params: Dict[str, Tensor], b: Dict[str, Tensor], task: Tensor, *,
@@ -329,12 +330,12 @@ class MTSAC:
         ctx = batch["context"]
         return ctx, {"context": ctx}, {"contrast": contrast_views(ctx)}
 
-    def compute_targets(self, batch: Dict[str, Tensor], alpha: Tensor) -> Tensor:
+    def compute_targets(self, batch: Dict[str, Tensor], alpha: Tensor, eps: Tensor) -> Tensor:
+        """y = r + γ (1 − terminated) (min_j Q̄_j(s′, a′) − α log π(a′|s′)), a′ from the noise ``eps`` (T·B, A)."""
         T, B = batch["reward"].shape
         with torch.no_grad():
             tasks = self.task_ids.repeat_interleave(B)
             mask = self.action_mask.repeat_interleave(B, dim=0)
-            eps = torch.randn((T * B, self.act_dim), generator=self.generator, device=self.device)
             next_obs = self._flat(batch["next_obs"])
             ctx = None
             if self.context_len:
@@ -346,14 +347,29 @@ class MTSAC:
             return batch["reward"] + self.cfg.gamma * (1.0 - batch["terminated"]) * v
 
     def update(self, batch: Dict[str, Tensor]) -> Dict[str, Tensor]:
-        """One update from a (T, B, ...) batch. Returns detached diagnostics (tensors; no host sync here)."""
+        """One update from a (T, B, ...) batch. Returns detached diagnostics (tensors; no host sync here).
+
+        The noise is drawn here from the update's generator (eager: a generator cannot enter a compiled graph);
+        the rest is :meth:`step`, which ``compile()`` may replace with its compiled form."""
+        T, B = batch["reward"].shape
+        do_actor = self.num_updates % self.cfg.actor_update_every == 0
+        do_target = self.num_updates % self.cfg.target_update_every == 0
+        eps_next = torch.randn((T * B, self.act_dim), generator=self.generator, device=self.device)
+        eps = torch.randn((T, B, self.act_dim), generator=self.generator, device=self.device) if do_actor else None
+        info = self._step_fn(batch, eps_next, eps, do_target)
+        self.num_updates += 1
+        return info
+
+    def step(self, batch: Dict[str, Tensor], eps_next: Tensor, eps: Optional[Tensor], do_target: bool
+             ) -> Dict[str, Tensor]:
+        """The update given its noise: critic, temperatures and actor (when ``eps`` is given), Polyak targets."""
         cfg = self.cfg
         T, B = batch["reward"].shape
         alpha = self.log_alpha.detach().exp()
         info: Dict[str, Tensor] = {}
         context, extra, bind = self._context(batch)
 
-        target = self.compute_targets(batch, alpha)
+        target = self.compute_targets(batch, alpha, eps_next)
         cb = {"obs": batch["obs"], "action": batch["action"], "target": target, **extra}
         critic_loss = functools.partial(self.critic_loss_one, **bind)
         cinfo = self._step("critic", self.critic, self.critic_opt, self.critic_method, critic_loss, cb,
@@ -361,8 +377,7 @@ class MTSAC:
         info["critic_losses"] = cinfo["losses"]
         info["critic_diag"] = cinfo  # type: ignore[assignment]
 
-        if self.num_updates % cfg.actor_update_every == 0:
-            eps = torch.randn((T, B, self.act_dim), generator=self.generator, device=self.device)
+        if eps is not None:
             mask = self.action_mask[:, None, :].expand(T, B, self.act_dim)
             # Temperature: log π from a no-grad pass on the same noise the actor step uses (SB3's ordering).
             with torch.no_grad():
@@ -383,13 +398,10 @@ class MTSAC:
             info["actor_losses"] = ainfo["losses"]
             info["actor_diag"] = ainfo  # type: ignore[assignment]
 
-        if self.num_updates % cfg.target_update_every == 0:
+        if do_target:
             with torch.no_grad():
-                src = list(self.critic.parameters())
-                dst = list(self.critic_target.parameters())
-                torch._foreach_lerp_(dst, src, cfg.tau)
+                torch._foreach_lerp_(list(self.critic_target.parameters()), list(self.critic.parameters()), cfg.tau)
         info["alpha"] = self.log_alpha.detach().exp()
-        self.num_updates += 1
         return info
 
     def nonfinite(self) -> None:
@@ -417,7 +429,8 @@ class MTSAC:
         T, B = batch["reward"].shape
         alpha = self.log_alpha.detach().exp()
         context, extra, bind = self._context(batch)
-        target = self.compute_targets(batch, alpha)
+        target = self.compute_targets(batch, alpha, torch.randn((T * B, self.act_dim), generator=self.generator,
+                                                                device=self.device))
         cparams = self._frozen_critic()
         aparams = {k: v.detach() for k, v in self.actor.named_parameters()}
         eps = torch.randn((T, B, self.act_dim), generator=self.generator, device=self.device)

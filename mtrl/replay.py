@@ -17,10 +17,13 @@ a device, and write the same ``state_dict`` (CPU tensors), so a checkpoint moves
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Union
+import json
+from typing import Any, Dict, List, Optional, Union
 
 import numpy as np
 import torch
+
+from mtrl.devices import derived_seed, generator_state, restore_generator
 
 FIELDS = ("obs", "action", "reward", "next_obs", "terminated")
 
@@ -123,6 +126,18 @@ class MultiTaskReplay(_Rings):
             out = {k: v.to(device, non_blocking=True) for k, v in out.items()}
         return out
 
+    def rng_state(self) -> str:
+        """The sampling RNG's state for a checkpoint (JSON of the numpy bit generator)."""
+        return json.dumps(self.rng.bit_generator.state)
+
+    def load_rng_state(self, state: Any) -> Optional[str]:
+        """Inverse of :meth:`rng_state`; a device replay's generator state re-seeds this RNG (returns a note)."""
+        if isinstance(state, str):
+            self.rng.bit_generator.state = json.loads(state)
+            return None
+        self.rng = np.random.default_rng(int(state["seed"]))
+        return "note: the replay's sampling stream came from a device replay; the numpy one is re-seeded"
+
     def draw(self, batch_per_task: int) -> np.ndarray:
         """(T, B) ring indices, uniform over each task's filled slots."""
         self._require_data()
@@ -220,6 +235,20 @@ class DeviceReplay(_Rings):
         if device is not None and torch.device(device) != self.device:
             out = {k: v.to(device, non_blocking=True) for k, v in out.items()}
         return out
+
+    def rng_state(self) -> Any:
+        """The sampling generator's state for a checkpoint (``mtrl.devices.generator_state``)."""
+        return None if self.generator is None else generator_state(self.generator)
+
+    def load_rng_state(self, state: Any) -> Optional[str]:
+        """Inverse of :meth:`rng_state`; a numpy replay's state or another device's is re-derived from a seed
+        (returns a one-line note then)."""
+        if self.generator is None or state is None:
+            return None
+        if isinstance(state, str):  # the numpy replay's JSON: no torch state to load
+            self.generator.manual_seed(derived_seed(int(json.loads(state)["state"]["state"]) % (2**63), 1))
+            return "note: the replay's sampling stream came from the numpy replay; the device one is re-seeded"
+        return restore_generator(self.generator, state)
 
     def draw(self, batch_per_task: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """(T, B) ring indices on the device, uniform over each task's filled slots: floor(U * size), U in [0, 1)

@@ -29,9 +29,10 @@ from envs import Suite, get_suite
 
 from . import checkpoint
 from .config import Config, to_dict
+from .devices import global_rng_states, resolve_device, restore_global_rng
 from .evaluation import summarize
 from .logging import Logger, Progress, cosine_image, git_commit, versions
-from .replay import MultiTaskReplay
+from .replay import make_replay
 from .rollout import RolloutWorker, WorkerError, WorkerPool, WorkerSpec, split_tasks
 
 
@@ -41,14 +42,6 @@ class NonFiniteError(RuntimeError):
 
 class WorkerFailure(RuntimeError):
     """A rollout worker kept failing (e.g. an env that raises on every reset); the message names its tasks."""
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is visible to torch; valid here: auto, cpu")
-    return torch.device(name)
 
 
 def default_run_dir(cfg: Config) -> Path:
@@ -120,8 +113,8 @@ class Trainer:
         cfg, T = self.cfg, self.T
         agent = MTSAC(self.suite.obs_dim, self.suite.act_dim, T, self.suite.action_mask, cfg.sac,
                       **self._agent_kwargs(agent_seed))
-        replay = MultiTaskReplay(T, cfg.sac.buffer_size // T, self.suite.obs_dim, self.suite.act_dim,
-                                 seed=replay_seed)
+        replay = make_replay(cfg.replay_device, self.device, T, cfg.sac.buffer_size // T, self.suite.obs_dim,
+                             self.suite.act_dim, seed=replay_seed)
         return agent, replay
 
     def _agent_kwargs(self, agent_seed: int) -> Dict[str, Any]:
@@ -148,8 +141,12 @@ class Trainer:
         if "worker_state" in payload and self.cfg.workers == 0:
             self._worker_state = payload["worker_state"]  # applied once the in-process worker exists
         if "replay_rng" in payload:
-            self.replay.rng.bit_generator.state = json.loads(payload["replay_rng"])
-        torch.set_rng_state(payload["torch_rng"])
+            note = self.replay.load_rng_state(payload["replay_rng"])
+            if note:
+                print(note, file=sys.stderr, flush=True)
+        restore_global_rng(payload["torch_rng"])
+        if self.agent.restore_note:
+            print(self.agent.restore_note, file=sys.stderr, flush=True)
 
     def _start_ray(self) -> None:
         import ray
@@ -248,8 +245,9 @@ class Trainer:
         """Run directory files, TensorBoard writer, workers (and Ray), first weight broadcast."""
         self.logger = Logger(self.run_dir, self.suite.task_names)
         self._write_run_files()
-        if self.device.type == "cpu" and self.cfg.workers > 0 and not self.cfg.address:
-            # The local workers each hold `worker_cpus` cores; the CPU learner takes what is left (at least one).
+        if self.cfg.workers > 0 and not self.cfg.address:
+            # The local workers each hold `worker_cpus` cores; the learner takes what is left (at least one) —
+            # on CUDA too, where its host-side work (dispatch, replay gathers) would otherwise contend with them.
             busy = math.ceil(self.cfg.workers * self.cfg.worker_cpus)
             torch.set_num_threads(max(1, (os.cpu_count() or 1) - busy))
         self.pool = self._make_pool()
@@ -519,10 +517,10 @@ class Trainer:
             "task_steps": torch.from_numpy(self.task_steps.copy()),
             "history": json.dumps(self.history, default=float),
             "config": yaml.safe_dump(to_dict(self.cfg), sort_keys=False),
-            "torch_rng": torch.get_rng_state(),
+            "torch_rng": global_rng_states(),
         }
         if self.replay is not None:
-            payload["replay_rng"] = json.dumps(self.replay.rng.bit_generator.state)
+            payload["replay_rng"] = self.replay.rng_state()
         if self.cfg.save_replay and self.replay is not None:
             payload["replay"] = self.replay.state_dict()
         # The in-process worker's envs mid-episode, RNGs and policy: with the replay (off-policy) or on its own

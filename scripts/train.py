@@ -150,6 +150,8 @@ def main(argv=None) -> int:
 
         if not (cfg.address and cfg.learner_placement != "driver"):
             resolve_device(cfg.device)  # on a cluster the GPU may be on another node: the learner actor checks
+            if cfg.replay_device == "cuda":
+                resolve_device("cuda")
         if run_dir is None:
             run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg)
             if run_dir.exists() and any(run_dir.iterdir()):

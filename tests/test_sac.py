@@ -84,7 +84,7 @@ def test_targets_bootstrap_unless_terminated():
     batch = {"reward": torch.tensor([[1.0, 1.0], [2.0, 2.0]]), "terminated": torch.tensor([[0.0, 1.0], [1.0, 0.0]]),
              "next_obs": torch.zeros(2, 2, 3)}
     alpha = torch.tensor([0.0, 0.0])  # no entropy term: y = r + gamma * (1 - d) * min(Q1', Q2')
-    y = ag.compute_targets(batch, alpha)
+    y = ag.compute_targets(batch, alpha, torch.randn(4, 2))
     torch.testing.assert_close(y, torch.tensor([[1.0 + 0.9 * 4.0, 1.0], [2.0, 2.0 + 0.9 * 4.0]]))
 
 
