@@ -1,7 +1,8 @@
 """Cost of one update per gradient method, relative to the plain MT-SAC update, on an MT-SAC-like critic.
 
 Critic: twin Q, each a 3 x 400 MLP on cat(obs 39, act 4, one-hot T); batch 128 per task; loss = MSE of both heads to
-fixed targets. For every method: the time of ``method.backward`` (vmapped forward + per-task gradients where the
+fixed targets. The ``.grad`` tensors persist across updates and are zeroed in place (``zero_grad(set_to_none=False)``),
+as the agent keeps them: every method, mtsac included, adds into existing gradients. For every method: the time of ``method.backward`` (vmapped forward + per-task gradients where the
 method needs them + combination + write-back into ``.grad``) divided by the time of an ``mtsac`` update run just before it
 (side by side: each method is timed right after an mtsac update, and the ratio of the pair is kept, so a machine
 whose load drifts -- a shared CPU -- biases no method); and, per T, the time of a loop of T ``torch.autograd.grad``
@@ -81,7 +82,7 @@ def bench(t: int, methods: List[str], repeats: int, device: str) -> None:
 
     def update(name: str) -> Callable[[], None]:
         def go() -> None:
-            net.zero_grad(set_to_none=True)
+            net.zero_grad(set_to_none=False)  # persistent .grad tensors zeroed in place, as the agent keeps them
             objs[name].backward(loss_fn, params, batch, ids)
             objs[name].post_step()
         return go
