@@ -189,6 +189,23 @@ def test_moe_snapshot_set_keeps_the_best_in_slot_order():
     torch.testing.assert_close(snaps[0][1]["head.weight"], w0)
 
 
+def test_hook_state_outside_buffers_follows_to():
+    """moe's snapshot bank and harmony's score EMAs move with the module, as its buffers do."""
+    moe, har = build("moe"), build("harmony")
+    batch = {"obs": torch.randn(T, B, D), "y": torch.randn(T, B, O)}
+
+    def loss_fn(p, b, t):
+        return (functional_call(har, p, (b["obs"], t)) - b["y"]).pow(2).mean()
+
+    for bb in (moe, har):
+        bb.after_step({"batch": batch, "task_ids": torch.arange(T), "info": {"losses": torch.ones(T)},
+                       "loss_fn": loss_fn, "params": dict(bb.named_parameters())})
+    assert moe._bank and har._ema_g
+    moe.to(META), har.to(META)
+    assert all(v.device == META for d in (moe._bank, har._ema_g, har._ema_g2) for v in d.values())
+    assert moe._loss_ema.device == META
+
+
 def test_moe_loss_ema_skips_non_finite_means():
     bb = build_backbone("moe", D, O, T, width=8, num_experts=4, top_k=2, loss_ema=0.5)
     for losses in (torch.full((T,), 2.0), torch.tensor([1.0, math.inf, 0.0]), torch.zeros(T)):

@@ -133,11 +133,20 @@ class Backbone(nn.Module):
 
     has_aux_loss = False
     diag_rows = 64
+    # Attributes holding {key: Tensor} state outside parameters and buffers (moe's snapshot bank, harmony's score
+    # EMAs): they follow ``.to()``/``.cuda()``/dtype casts like buffers.
+    tensor_dicts: Tuple[str, ...] = ()
 
     def __init__(self, in_dim: int, out_dim: int, num_tasks: int) -> None:
         super().__init__()
         self.in_dim, self.out_dim, self.num_tasks = in_dim, out_dim, num_tasks
         self._last: Optional[Tuple[Tensor, Tensor]] = None
+
+    def _apply(self, fn, *args, **kwargs):
+        out = super()._apply(fn, *args, **kwargs)
+        for name in self.tensor_dicts:
+            setattr(self, name, {k: fn(v) for k, v in getattr(self, name).items()})
+        return out
 
     # -- hooks -------------------------------------------------------------------------------------------------
     def after_step(self, ctx: Dict[str, Any]) -> bool:

@@ -50,6 +50,7 @@ from .registry import register
 
 @register("harmony")
 class HarmonyMasks(Backbone):
+    tensor_dicts = ("_ema_g", "_ema_g2")
     DEFAULTS: Dict[str, Any] = dict(width=400, depth=3, density=0.8, mask_input_layer=False, mask_interval=1000,
                                     score_interval=100, ema=0.9, gamma=10.0, eta_min=0, eta_max=100,
                                     total_updates=2_000_000, seed=0)

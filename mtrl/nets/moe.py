@@ -112,6 +112,7 @@ def mix(weights: Tensor, expert_out: Tensor) -> Tensor:
 @register("moe")
 class MentorMoE(Backbone):
     has_aux_loss = True
+    tensor_dicts = ("_bank",)
     DEFAULTS: Dict[str, Any] = dict(width=400, depth=1, num_experts=16, top_k=4, expert_hidden=None,
                                     gate_hidden=None, gate_dropout=0.1, aux_scale=0.002, balance_coef=1.0,
                                     entropy_coef=1.0, perturb=True, perturb_interval=50_000,
