@@ -96,7 +96,7 @@ def run_harness(bb: nn.Module) -> dict:
                         opt.state[p] = {"step": torch.zeros(()), "exp_avg": torch.zeros_like(p)}
                 ctx = {"role": "critic", "num_updates": n, "loss_fn": loss_fn, "batch": batch,
                        "params": dict(bb.named_parameters()), "task_ids": ids, "info": {"losses": losses.detach()},
-                       "optimizer": opt}
+                       "optimizer": opt, "ok": torch.ones((), dtype=torch.bool, device=META)}
                 r = bb.after_step(ctx)
                 assert isinstance(r, bool)  # from host-side schedule information only
                 out["returns"].append(r)
@@ -204,6 +204,20 @@ def test_hook_state_outside_buffers_follows_to():
     moe.to(META), har.to(META)
     assert all(v.device == META for d in (moe._bank, har._ema_g, har._ema_g2) for v in d.values())
     assert moe._loss_ema.device == META
+
+
+def test_harmony_scores_skip_non_finite_gradients_and_skipped_steps():
+    bb = build("harmony")
+    g = {i: torch.randn(T, *bb.mask(i).shape[1:]) for i in bb.masked}
+    bb.update_scores(g, torch.tensor(True))
+    before = {i: (bb._ema_g[i].clone(), bb._ema_g2[i].clone()) for i in bb.masked}
+    bb.update_scores(g, torch.tensor(False))                                  # a skipped step
+    bb.update_scores({i: x.clone().fill_(math.nan) for i, x in g.items()})   # non-finite gradients
+    for i in bb.masked:
+        assert torch.equal(bb._ema_g[i], before[i][0]) and torch.equal(bb._ema_g2[i], before[i][1])
+    bb.update_scores(g)  # a valid step again: the EMA of a constant stays put
+    torch.testing.assert_close(bb._ema_g[bb.masked[0]], g[bb.masked[0]])
+    torch.testing.assert_close(bb._ema_g2[bb.masked[0]], g[bb.masked[0]].pow(2))
 
 
 def test_moe_loss_ema_skips_non_finite_means():

@@ -24,7 +24,8 @@ the output "prediction" head and all biases are never masked (``mask_input_layer
 * ``after_step`` returns True after a flip: SAC then copies the critic's masks into the target critic, which
   shares them (a small edit in agents/sac.py).
 * Device: ``after_step`` is sync-free. The score EMAs are device tensors; the number of active entries per task
-  and tensor comes from the configuration (the exact count set at init, which every flip preserves), and the
+  and tensor comes from the configuration (the exact count set at init, which every flip preserves); a score
+  gradient counts only when finite and the step ran (SAC's device flag ``ctx["ok"]``), and the
   return value (a flip happened) from the schedule and that count. Mixed (B,) task ids off the host CPU (targets
   on CUDA) run each masked layer for every task and keep each row's own (:func:`mixed_linear`: T times the FLOPs
   of those layers, no synchronisation).
@@ -36,7 +37,7 @@ the output "prediction" head and all biases are never masked (``mask_input_layer
 from __future__ import annotations
 
 import math
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import torch
 import torch.nn.functional as F
@@ -146,14 +147,19 @@ class HarmonyMasks(Backbone):
         return {i: g[f"{prefix}layers.{i}.weight"].detach() for i in self.masked}
 
     @torch.no_grad()
-    def update_scores(self, grads: Dict[int, Tensor]) -> None:
+    def update_scores(self, grads: Dict[int, Tensor], ok: Optional[Tensor] = None) -> None:
+        """EMA of the gradients and their squares. On the device, a layer's gradient counts only when it is finite
+        and the step ran (``ok``, SAC's 0-d flag; a skipped step leaves the EMAs as they were, and one at the very
+        start leaves them at 0)."""
         b = self.opt["ema"]
         for i, g in grads.items():
+            keep = torch.isfinite(g).all() if ok is None else torch.isfinite(g).all() & ok.to(g.device)
             if i not in self._ema_g:
-                self._ema_g[i], self._ema_g2[i] = g.clone(), g.pow(2)
+                self._ema_g[i] = torch.where(keep, g, torch.zeros_like(g))
+                self._ema_g2[i] = torch.where(keep, g.pow(2), torch.zeros_like(g))
             else:
-                self._ema_g[i].mul_(b).add_(g, alpha=1 - b)
-                self._ema_g2[i].mul_(b).add_(g.pow(2), alpha=1 - b)
+                for ema, x in ((self._ema_g[i], g), (self._ema_g2[i], g.pow(2))):
+                    ema.copy_(torch.where(keep, (ema * b).add_(x, alpha=1 - b), ema))
 
     @torch.no_grad()
     def flip(self, k_total: int) -> int:
@@ -190,7 +196,7 @@ class HarmonyMasks(Backbone):
         super().after_step(ctx)
         self._steps += 1
         if self._steps % self.opt["score_interval"] == 0 and "loss_fn" in ctx:
-            self.update_scores(self.unmasked_task_grads(ctx))
+            self.update_scores(self.unmasked_task_grads(ctx), ctx.get("ok"))
         if self._steps % self.opt["mask_interval"] == 0:
             return self.flip(self.eta(self._steps)) > 0
         return False

@@ -46,8 +46,9 @@ Task-oriented perturbation (``after_step``, MENTOR §1.2 adapted to online multi
   the new score is better) is chosen with ``argmin``/``where`` there, and the dormant ratio and α are device
   tensors. What happens on the host follows the schedule only: a snapshot is offered every ``snapshot_interval``
   updates once losses have been seen, and a perturbation runs every ``perturb_interval`` updates once a snapshot
-  has been offered (in SAC the losses are finite whenever the hooks run, so every offer is taken; a perturbation
-  with an empty set on the device keeps θ, α = 1).
+  has been offered. An offer with a non-finite score (the loss EMA is still NaN: every loss mean so far was
+  non-finite; SAC's skipped steps, ``ctx["ok"]`` false, reach the hooks) is not kept; a perturbation that finds
+  the set empty on the device keeps θ (α = 1), though the optimizer reset still happens.
 * Not done: MENTOR's shrink-perturb of its convolutional image encoder (θ ← α θ + (1 − α) θ_init, fresh random
   init, no snapshots): it exists for pixel observations; with state observations there is no encoder (the trunk
   here is MENTOR's MLP part and gets the snapshot perturbation). MENTOR also perturbs its target critic from
