@@ -9,7 +9,15 @@ whose load drifts -- a shared CPU -- biases no method); and, per T, the time of 
 calls (the usual way of getting per-task gradients) divided by the engine's one vmapped pass, timed back to back.
 Medians over ``--repeats`` rounds (default 1: one round of T = 10 and 50 takes about 1.5 min on a 2-core CPU).
 
-    python scripts/bench_update.py --tasks 10,50 [--repeats 3] [--methods pcgrad,upgrad] [--device cpu]
+    python scripts/bench_update.py --tasks 10,50 [--repeats 3] [--methods pcgrad,upgrad] [--device cpu] [--malloc glibc]
+
+Allocator (``--malloc``, CPU only): glibc returns every freed block above its mmap threshold (or at the top of a
+heap past its trim threshold) to the OS, so each update's fresh large tensors page-fault again (~1.3 GB/s here: the
+T x P per-task gradients of a Jacobian/Gramian method cost ~20 ms of faults at T = 10 and ~100 ms at T = 50, more
+than their arithmetic). A GPU learner does not pay this (PyTorch's CUDA caching allocator keeps the blocks), nor a
+CPU one run with jemalloc/tcmalloc or tuned glibc. ``reuse`` (default) sets glibc's thresholds with ``mallopt``
+(mmap threshold 32 MiB, its maximum; trim threshold 1 GiB) so freed blocks are reused, as a caching allocator does;
+``glibc`` keeps glibc's defaults (what the numbers before issue 11 used).
 """
 
 from __future__ import annotations
@@ -74,7 +82,7 @@ def timed(fn: Callable[[], None], device: str) -> float:
     return time.perf_counter() - t0
 
 
-def bench(t: int, methods: List[str], repeats: int, device: str) -> None:
+def bench(t: int, methods: List[str], repeats: int, device: str, malloc: str = "reuse") -> None:
     net, loss_fn, batch, ids = problem(t, device)
     params = dict(net.named_parameters())
     n_params = sum(p.numel() for p in params.values())
@@ -118,7 +126,8 @@ def bench(t: int, methods: List[str], repeats: int, device: str) -> None:
         vmap_t.append(timed(vmapped_jacobian, device))
     med = statistics.median
     base = med(base_ms)
-    print(f"\nT={t}  critic params={n_params:,}  batch={BATCH}/task  device={device}  repeats={repeats}")
+    print(f"\nT={t}  critic params={n_params:,}  batch={BATCH}/task  device={device}  repeats={repeats}  "
+          f"malloc={malloc}")
     print(f"  mtsac update: {base * 1e3:.1f} ms (median of {len(base_ms)})")
     print(f"  {'method':<12}{'ms':>10}{'x mtsac':>10}")
     for m in others:
@@ -126,6 +135,19 @@ def bench(t: int, methods: List[str], repeats: int, device: str) -> None:
     loop, vm = med(loop_t), med(vmap_t)
     print(f"  per-task Jacobian: loop of {t} autograd.grad {loop * 1e3:.1f} ms, vmapped engine {vm * 1e3:.1f} ms"
           f" -> loop / vmap = {loop / vm:.2f}")
+
+
+def reuse_freed_memory() -> bool:
+    """glibc: keep freed blocks of up to 32 MiB in the heap and do not trim it below 1 GiB (see the docstring)."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if not name:
+        return False
+    libc = ctypes.CDLL(name)
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(libc.mallopt(m_mmap_threshold, 32 * 2**20)) and bool(libc.mallopt(m_trim_threshold, 2**30))
 
 
 def main(argv: List[str] | None = None) -> int:
@@ -136,6 +158,9 @@ def main(argv: List[str] | None = None) -> int:
     ap.add_argument("--methods", default="all", help=f"comma-separated subset of: {','.join(names)} (default all)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    ap.add_argument("--malloc", choices=["reuse", "glibc"], default="reuse",
+                    help="CPU allocator behaviour: reuse freed blocks (default; as a caching allocator) or glibc's "
+                         "defaults (large blocks page-fault on every update)")
     args = ap.parse_args(argv)
     try:
         tasks = [int(x) for x in args.tasks.split(",") if x]
@@ -154,9 +179,11 @@ def main(argv: List[str] | None = None) -> int:
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.malloc == "reuse" and not reuse_freed_memory():
+        print("note: could not tune the C allocator (not glibc?); timing with its defaults", file=sys.stderr)
     methods = ["mtsac"] + [m for m in methods if m not in ("mtsac", "mean")]
     for t in tasks:
-        bench(t, methods, args.repeats, args.device)
+        bench(t, methods, args.repeats, args.device, args.malloc)
     return 0
 
 

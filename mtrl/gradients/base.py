@@ -106,6 +106,9 @@ class Method:
     kind: str = "base"  # "mean" | "loss" | "jacobian" | "gramian" | "perturbation" | "wrapper"
     OPTIONS: Dict[str, Any] = {}
     accepts_task_specific: bool = True  # backward(..., task_specific=...) is understood
+    # backward() is pure tensor code with no host sync and no Tensor.backward(): torch.compile traces it into one
+    # graph (agents/compiled.py; compile=auto compiles only such methods).
+    compilable: bool = False
 
     def __init__(self, num_tasks: int, **kwargs: Any) -> None:
         if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1:
@@ -250,6 +253,10 @@ class GramianMethod(JacobianMethod):
 
     kind = "gramian"
     host_solver = False
+
+    @property
+    def compilable(self) -> bool:  # type: ignore[override]
+        return not self.host_solver
 
     def backward(self, loss_fn: LossFn, params: Dict[str, Tensor], batch: Any, task_ids: Tensor, *,
                  task_specific: Optional[Set[str]] = None) -> Dict[str, Any]:

@@ -64,7 +64,9 @@ class FAMO(Method):
 
     def _gap(self, losses: Tensor) -> Tensor:
         """L - L_min + eps, floored at eps where it is <= 0 (recorded in the device flag; no host read)."""
-        d = losses - self._min.to(losses) + float(self.options["eps"])
+        if self._min.device != losses.device:  # moved once, not copied from the host every update
+            self._min = self._min.to(losses.device)
+        d = losses - self._min.to(losses.dtype) + float(self.options["eps"])
         bad = (d.detach() <= 0).any()
         self._bad = bad if self._bad is None else self._bad | bad.to(self._bad.device)
         self._bad_losses = torch.where(bad, losses.detach(), self._bad_losses.to(losses)) \
