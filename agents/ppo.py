@@ -29,6 +29,7 @@ workers return and the learner's first recomputation agree (ratio = 1 at the fir
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Dict, Optional, Set
 
@@ -37,9 +38,10 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from agents import compiled
 from agents.optim import adam
-from agents.sac import (NonFiniteLoss, critic_network, host_states, load_host_states, method_step, raise_nonfinite,
-                        wire_methods)
+from agents.sac import (NonFiniteLoss, apply_step, critic_network, host_states, load_host_states, method_grads,
+                        raise_nonfinite, wire_methods)
 from mtrl.devices import generator_state, restore_generator
 from mtrl.config import PPOConfig
 from mtrl.nets import build_backbone
@@ -230,6 +232,7 @@ class MTPPO:
         self.actor_opt = adam(self.actor.parameters(), cfg.lr, self.device, eps=1e-5)
         self.critic_opt = adam(self.critic.parameters(), cfg.lr, self.device, eps=1e-5)
         wire_methods(self, num_tasks, method, method_kwargs, actor_method, seed)  # num_updates: minibatch steps
+        self._grad_fns = self._gradient_functions()
         self.num_rounds = 0
 
     def set_lr(self, lr: float) -> None:
@@ -362,9 +365,29 @@ class MTPPO:
 
     def _step(self, name: str, module: nn.Module, opt: torch.optim.Optimizer, method, loss_fn, batch,
               task_specific: Set[str]) -> Dict[str, Any]:
-        return method_step(name, module, opt, method, loss_fn, batch, self.task_ids, task_specific,
-                           self.cfg.max_grad_norm, self.hooks[name], self.num_updates, self.grads[name],
-                           self.monitor)[0]
+        """One minibatch step of one network: the (possibly compiled) gradient, then the eager optimizer step."""
+        self.grads[name].zero()
+        info = self._grad_fns[name](batch)
+        apply_step(name, module, opt, method, info, loss_fn, batch, self.task_ids, self.cfg.max_grad_norm,
+                   self.hooks[name], self.num_updates, self.grads[name], self.monitor)
+        return info
+
+    def _gradient_functions(self) -> Dict[str, Any]:
+        """name -> batch -> the method's combined gradient in that network's ``.grad`` (``method_grads``)."""
+        return {name: functools.partial(method_grads, module, method, loss_fn, task_ids=self.task_ids,
+                                        task_specific=ts)
+                for name, module, method, loss_fn, ts in (
+                    ("actor", self.actor, self.actor_method, self.actor_loss_one, self.actor_task_specific),
+                    ("critic", self.critic, self.critic_method, self.critic_loss_one, self.critic_task_specific))}
+
+    def compile(self, mode: str = "auto") -> str:
+        """Compile the minibatch gradients of both networks (``agents/compiled.py``); returns the mode used."""
+        used = compiled.resolve(mode, self.device, [self.critic_method, self.actor_method], [self.actor, self.critic])
+        if used != "off":
+            reset = lambda: [g.zero() for g in self.grads.values()]  # noqa: E731
+            self._grad_fns = {name: compiled.Compiled(fn, used, f"the PPO {name} gradient", reset)
+                              for name, fn in self._gradient_functions().items()}
+        return used
 
     def nonfinite(self) -> None:
         """Host check, once per round: raise :class:`NonFiniteLoss` if a minibatch step was skipped since."""

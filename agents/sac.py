@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from agents import compiled
 from agents.optim import FlatGrads, NonFiniteMonitor, adam, guarded_step
 from mtrl.config import SACConfig
 from mtrl.devices import generator_state, restore_generator
@@ -154,20 +155,22 @@ class NonFiniteLoss(RuntimeError):
         self.loss, self.task, self.kind, self.count = loss, task, kind, count
 
 
-def method_step(name: str, module: nn.Module, opt: torch.optim.Optimizer, method, loss_fn, batch,
-                task_ids: Tensor, task_specific: Set[str], max_grad_norm: float, hooks, num_updates: int,
-                grads: FlatGrads, monitor: NonFiniteMonitor):
-    """One optimizer step of ``module`` through a method (shared by MT-SAC and MT-PPO), with no host sync.
-
-    The method writes the combined gradient into the ``.grad`` views of ``grads``; a non-finite per-task loss or
-    combined gradient makes the step a no-op on the device (``guarded_step``) and is recorded in ``monitor``.
-    Then clipping, the step, the method's ``post_step`` and the modules' ``after_step`` hooks (which see the
-    step's ``ok`` flag). Returns (the method's diagnostics, whether any hook changed buffers).
-    """
-    grads.zero()
+def method_grads(module: nn.Module, method, loss_fn, batch, task_ids: Tensor, task_specific: Set[str]
+                 ) -> Dict[str, Any]:
+    """The method's combined gradient of ``module`` written into its (zeroed) ``.grad`` views; returns the
+    method's diagnostics. The part of a step that ``torch.compile`` traces (no optimizer, no hooks)."""
     kwargs = {"task_specific": task_specific} if task_specific and getattr(method, "accepts_task_specific",
                                                                            False) else {}
-    info = method.backward(loss_fn, dict(module.named_parameters()), batch, task_ids, **kwargs)
+    return method.backward(loss_fn, dict(module.named_parameters()), batch, task_ids, **kwargs)
+
+
+def apply_step(name: str, module: nn.Module, opt: torch.optim.Optimizer, method, info, loss_fn, batch,
+               task_ids: Tensor, max_grad_norm: float, hooks, num_updates: int, grads: FlatGrads,
+               monitor: NonFiniteMonitor) -> bool:
+    """Given the gradient in ``grads``: finiteness (recorded in ``monitor``; a non-finite per-task loss or
+    combined gradient makes the step a no-op on the device, ``guarded_step``), clipping, the optimizer step, the
+    method's ``post_step`` and the modules' ``after_step`` hooks (which see the step's ``ok`` flag). No host
+    sync. Returns whether any hook changed buffers."""
     norm = grads.norm()
     ok = monitor.record(name, info["losses"], torch.isfinite(norm))
     if max_grad_norm > 0:
@@ -179,7 +182,7 @@ def method_step(name: str, module: nn.Module, opt: torch.optim.Optimizer, method
         changed |= bool(m.after_step({"role": name, "num_updates": num_updates, "loss_fn": loss_fn, "batch": batch,
                                       "params": dict(module.named_parameters()), "task_ids": task_ids,
                                       "info": info, "optimizer": opt, "ok": ok}))
-    return info, changed
+    return changed
 
 
 def wire_methods(agent: Any, num_tasks: int, method: str, method_kwargs: Optional[Dict[str, Any]],
@@ -288,7 +291,7 @@ class MTSAC:
         self.alpha_opt = adam([self.log_alpha], cfg.alpha_lr, self.device)
         self.alpha_grads = FlatGrads([self.log_alpha])
         wire_methods(self, num_tasks, method, method_kwargs, actor_method, seed)
-        self._step_fn = self.step
+        self._critic_grads, self._actor_grads = self.critic_grads, self.actor_grads
 
     # --- per-task losses (one task's slice; vmapped over the task axis) ---------------------------------------
     def critic_loss_one(self, params: Dict[str, Tensor], b: Dict[str, Tensor], task: Tensor, *,
@@ -350,59 +353,87 @@ class MTSAC:
         """One update from a (T, B, ...) batch. Returns detached diagnostics (tensors; no host sync here).
 
         The noise is drawn here from the update's generator (eager: a generator cannot enter a compiled graph);
-        the rest is :meth:`step`, which ``compile()`` may replace with its compiled form."""
+        the rest is :meth:`step`."""
         T, B = batch["reward"].shape
         do_actor = self.num_updates % self.cfg.actor_update_every == 0
         do_target = self.num_updates % self.cfg.target_update_every == 0
         eps_next = torch.randn((T * B, self.act_dim), generator=self.generator, device=self.device)
         eps = torch.randn((T, B, self.act_dim), generator=self.generator, device=self.device) if do_actor else None
-        info = self._step_fn(batch, eps_next, eps, do_target)
+        info = self.step(batch, eps_next, eps, do_target)
         self.num_updates += 1
         return info
 
     def step(self, batch: Dict[str, Tensor], eps_next: Tensor, eps: Optional[Tensor], do_target: bool
              ) -> Dict[str, Tensor]:
-        """The update given its noise: critic, temperatures and actor (when ``eps`` is given), Polyak targets."""
-        cfg = self.cfg
-        T, B = batch["reward"].shape
+        """The update given its noise: critic, temperatures and actor (when ``eps`` is given), Polyak targets.
+
+        The gradients come from :meth:`critic_grads` / :meth:`actor_grads` (compiled by :meth:`compile`); the
+        optimizer steps, finiteness flags and hooks run eagerly around them (fused Adam is one kernel)."""
         alpha = self.log_alpha.detach().exp()
         info: Dict[str, Tensor] = {}
-        context, extra, bind = self._context(batch)
-
-        target = self.compute_targets(batch, alpha, eps_next)
-        cb = {"obs": batch["obs"], "action": batch["action"], "target": target, **extra}
-        critic_loss = functools.partial(self.critic_loss_one, **bind)
-        cinfo = self._step("critic", self.critic, self.critic_opt, self.critic_method, critic_loss, cb,
-                           self.critic_task_specific)
+        _, _, bind = self._context(batch)
+        self.grads["critic"].zero()
+        cinfo, cb = self._critic_grads(batch, eps_next, alpha)
+        self._apply("critic", self.critic, self.critic_opt, self.critic_method, cinfo,
+                    functools.partial(self.critic_loss_one, **bind), cb)
         info["critic_losses"] = cinfo["losses"]
         info["critic_diag"] = cinfo  # type: ignore[assignment]
 
         if eps is not None:
-            mask = self.action_mask[:, None, :].expand(T, B, self.act_dim)
-            # Temperature: log π from a no-grad pass on the same noise the actor step uses (SB3's ordering).
-            with torch.no_grad():
-                _, logp = self.actor.sample(self._flat(batch["obs"]), self.task_ids.repeat_interleave(B),
-                                            self._flat(eps), self._flat(mask), context=self._flat(context))
-                logp = logp.view(T, B)
-            alpha_losses = -(self.log_alpha[:, None] * (logp + self.target_entropy[:, None])).mean(1)
-            self.alpha_grads.zero()
-            alpha_losses.sum().backward()  # each α_t only sees its own task's loss: sum, not mean
+            self.grads["actor"].zero()
+            ainfo, ab, alpha_losses, entropy = self._actor_grads(batch, eps, alpha)
             guarded_step(self.alpha_opt, self.monitor.record("alpha", alpha_losses), self.alpha_grads)
-            info["alpha_losses"] = alpha_losses.detach()
-            info["entropy"] = -logp.mean(1)
-
-            actor_loss = functools.partial(self.actor_loss_one, critic_params=self._frozen_critic(), **bind)
-            ab = {"obs": batch["obs"], "eps": eps, "mask": self.action_mask, "alpha": alpha, **extra}
-            ainfo = self._step("actor", self.actor, self.actor_opt, self.actor_method, actor_loss, ab,
-                               self.actor_task_specific)
+            self._apply("actor", self.actor, self.actor_opt, self.actor_method, ainfo,
+                        functools.partial(self.actor_loss_one, critic_params=self._frozen_critic(), **bind), ab)
+            info["alpha_losses"] = alpha_losses
+            info["entropy"] = entropy
             info["actor_losses"] = ainfo["losses"]
             info["actor_diag"] = ainfo  # type: ignore[assignment]
 
         if do_target:
             with torch.no_grad():
-                torch._foreach_lerp_(list(self.critic_target.parameters()), list(self.critic.parameters()), cfg.tau)
+                torch._foreach_lerp_(list(self.critic_target.parameters()), list(self.critic.parameters()),
+                                     self.cfg.tau)
         info["alpha"] = self.log_alpha.detach().exp()
         return info
+
+    def critic_grads(self, batch: Dict[str, Tensor], eps_next: Tensor, alpha: Tensor):
+        """Targets, per-task critic losses and the method's combined gradient in the critic's ``.grad``.
+        Returns (the method's diagnostics, the loss batch)."""
+        _, extra, bind = self._context(batch)
+        target = self.compute_targets(batch, alpha, eps_next)
+        cb = {"obs": batch["obs"], "action": batch["action"], "target": target, **extra}
+        return method_grads(self.critic, self.critic_method, functools.partial(self.critic_loss_one, **bind), cb,
+                            self.task_ids, self.critic_task_specific), cb
+
+    def actor_grads(self, batch: Dict[str, Tensor], eps: Tensor, alpha: Tensor):
+        """Temperature and actor gradients on the noise ``eps`` (T, B, A): α's analytic gradient into its
+        ``.grad``, the method's combined actor gradient into the actor's. Returns (actor diagnostics, the actor's
+        loss batch, α losses (T,), entropy (T,))."""
+        T, B = batch["reward"].shape
+        context, extra, bind = self._context(batch)
+        mask = self.action_mask[:, None, :].expand(T, B, self.act_dim)
+        # Temperature: log π from a no-grad pass on the same noise the actor step uses (SB3's ordering).
+        with torch.no_grad():
+            _, logp = self.actor.sample(self._flat(batch["obs"]), self.task_ids.repeat_interleave(B),
+                                        self._flat(eps), self._flat(mask), context=self._flat(context))
+            gap = logp.view(T, B) + self.target_entropy[:, None]
+            alpha_losses = -(self.log_alpha.detach()[:, None] * gap).mean(1)
+            # d/d log α_t of −mean_B log α_t (log π + H̄_t): each α_t sees only its own task's loss.
+            self.alpha_grads.buffer.copy_(-gap.mean(1))
+        actor_loss = functools.partial(self.actor_loss_one, critic_params=self._frozen_critic(), **bind)
+        ab = {"obs": batch["obs"], "eps": eps, "mask": self.action_mask, "alpha": alpha, **extra}
+        ainfo = method_grads(self.actor, self.actor_method, actor_loss, ab, self.task_ids, self.actor_task_specific)
+        return ainfo, ab, alpha_losses, -logp.view(T, B).mean(1)
+
+    def compile(self, mode: str = "auto") -> str:
+        """Compile :meth:`critic_grads` and :meth:`actor_grads` (``agents/compiled.py``); returns the mode used."""
+        used = compiled.resolve(mode, self.device, [self.critic_method, self.actor_method], [self.actor, self.critic])
+        if used != "off":
+            reset = lambda: [g.zero() for g in (*self.grads.values(), self.alpha_grads)]  # noqa: E731
+            self._critic_grads = compiled.Compiled(self.critic_grads, used, "the critic gradient", reset)
+            self._actor_grads = compiled.Compiled(self.actor_grads, used, "the actor gradient", reset)
+        return used
 
     def nonfinite(self) -> None:
         """Host check, every ``log_every`` updates: raise :class:`NonFiniteLoss` if a step was skipped since."""
@@ -411,18 +442,16 @@ class MTSAC:
     def _frozen_critic(self) -> Dict[str, Tensor]:
         return {k: v.detach() for k, v in self.critic.named_parameters()}
 
-    def _step(self, name: str, module: nn.Module, opt: torch.optim.Optimizer, method, loss_fn, batch,
-              task_specific: Set[str]) -> Dict[str, Any]:
-        info, changed = method_step(name, module, opt, method, loss_fn, batch, self.task_ids, task_specific,
-                                    self.cfg.max_grad_norm, self.hooks[name], self.num_updates, self.grads[name],
-                                    self.monitor)
+    def _apply(self, name: str, module: nn.Module, opt: torch.optim.Optimizer, method, info, loss_fn, batch
+               ) -> None:
+        changed = apply_step(name, module, opt, method, info, loss_fn, batch, self.task_ids, self.cfg.max_grad_norm,
+                             self.hooks[name], self.num_updates, self.grads[name], self.monitor)
         # [issue 4] An after_step that returns True changed buffers (e.g. harmony's per-task masks): the target
         # critic shares them, so copy the critic's buffers into it (Polyak averaging only moves parameters).
         if changed and name == "critic":
             with torch.no_grad():
                 for dst, src in zip(self.critic_target.buffers(), self.critic.buffers()):
                     dst.copy_(src)
-        return info
 
     def losses(self, batch: Dict[str, Tensor]) -> Dict[str, Tensor]:
         """Per-task losses (T,) for critic, actor and α on a batch, without updating anything."""

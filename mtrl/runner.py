@@ -250,6 +250,8 @@ class Trainer:
             # on CUDA too, where its host-side work (dispatch, replay gathers) would otherwise contend with them.
             busy = math.ceil(self.cfg.workers * self.cfg.worker_cpus)
             torch.set_num_threads(max(1, (os.cpu_count() or 1) - busy))
+        if callable(getattr(self.agent, "compile", None)):
+            self.compile_mode = self.agent.compile(self.cfg.compile)  # compiles at the first update (time printed)
         self.pool = self._make_pool()
         self.pool.broadcast(self.agent.policy_state())
         if self._worker_state is not None:
@@ -461,8 +463,8 @@ class Trainer:
                 if m is module or not callable(getattr(m, "diagnostics", None)):
                     continue
                 prefix = f"backbone/{role}.{mname}" if mname else f"backbone/{role}"
-                for key, value in m.diagnostics().items():
-                    v = np.asarray(value, dtype=float)
+                for key, value in m.diagnostics().items():  # device tensors (or host ints): read here, not in steps
+                    v = np.asarray(value.detach().cpu() if isinstance(value, torch.Tensor) else value, dtype=float)
                     if v.ndim == 0:
                         lg.scalar(f"{prefix}/{key}", float(v), step)
                     elif v.ndim == 1 and len(v) == T:

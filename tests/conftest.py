@@ -13,7 +13,9 @@ os.environ.setdefault("RAY_worker_niceness", "0")  # as mtrl.runner: workers are
 
 # Tiny but real budgets: real Meta-World/DMC envs, small networks, few updates.
 TINY = ["--set", "sac.learning_starts=20", "--set", "sac.batch_size=16", "--set", "backbone_kwargs.width=32",
-        "--set", "backbone_kwargs.depth=2", "--set", "chunk_steps=20", "--eval-episodes", "1", "--no-progress"]
+        "--set", "backbone_kwargs.depth=2", "--set", "chunk_steps=20", "--eval-episodes", "1", "--no-progress",
+        # Compiling costs 30-90 s per run on 2 cores; tests/test_device.py checks compiled against eager once.
+        "--set", "compile=off"]
 
 MT10 = ["reach-v3", "push-v3", "pick-place-v3", "door-open-v3", "drawer-open-v3", "drawer-close-v3",
         "button-press-topdown-v3", "peg-insert-side-v3", "window-open-v3", "window-close-v3"]

@@ -9,7 +9,7 @@ from mtrl.runner import Trainer
 
 def _cfg(tmp_path, **kw):
     cfg = Config(suite="dmc-walker", workers=0, total_steps=600, eval_every=0, checkpoint_every=0, eval_episodes=1,
-                 chunk_steps=10, progress=False, log_every=5, run_dir=str(tmp_path / "run"), save_replay=True)
+                 chunk_steps=10, progress=False, log_every=5, run_dir=str(tmp_path / "run"), save_replay=True, compile="off")
     cfg.backbone_kwargs = {"width": 16, "depth": 1}
     cfg.sac.batch_size = 8
     cfg.sac.learning_starts = 30

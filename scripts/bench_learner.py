@@ -1,0 +1,130 @@
+"""Updates per second of the real learner update (``MTSAC.update``, ``MTPPO``'s minibatch step), eager vs
+compiled, measured side by side in one run.
+
+Sizes: MT10 (10 tasks x 128 per task; obs 39, action 4), networks 3 x 400 (the published MT-SAC size) and 3 x 8
+(arithmetic ~0: what is left is the framework's overhead, the floor a compiled learner removes). For each
+(algorithm, method, backbone, width) the eager and the compiled agent are built from the same seed and timed in
+alternating rounds (eager, compiled, eager, ...), so a machine whose load drifts biases neither; the table shows
+medians over ``--repeats`` rounds and the ratio compiled / eager. Compilation (paid once, at the first update) is
+shown separately and excluded from the timing.
+
+    python scripts/bench_learner.py [--device cpu|cuda] [--threads 1] [--repeats 5] [--widths 8,400]
+                                    [--methods mtsac,pcgrad,moe] [--algos sac,ppo] [--compile default]
+
+A name among ``--methods`` that is a backbone (e.g. ``moe``) means ``mtsac`` on that backbone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from agents.ppo import MTPPO  # noqa: E402
+from agents.sac import MTSAC  # noqa: E402
+from mtrl.config import PPOConfig, SACConfig  # noqa: E402
+from mtrl.nets import available_backbones  # noqa: E402
+
+T, B, OBS, ACT = 10, 128, 39, 4
+
+
+def sac_case(method: str, backbone: str, width: int, device: torch.device, mode: str):
+    agent = MTSAC(OBS, ACT, T, np.ones((T, ACT), np.float32), SACConfig(), backbone=backbone,
+                  backbone_kwargs={"width": width, "depth": 3}, method=method, device=device, seed=0)
+    used = agent.compile(mode) if mode != "off" else "off"
+    g = torch.Generator().manual_seed(0)
+    batch = {"obs": torch.randn(T, B, OBS, generator=g), "action": torch.rand(T, B, ACT, generator=g) * 2 - 1,
+             "reward": torch.randn(T, B, generator=g), "next_obs": torch.randn(T, B, OBS, generator=g),
+             "terminated": torch.zeros(T, B)}
+    batch = {k: v.to(device) for k, v in batch.items()}
+    return (lambda: agent.update(batch)), used
+
+
+def ppo_case(method: str, backbone: str, width: int, device: torch.device, mode: str):
+    cfg = PPOConfig(epochs=1, minibatches=1)
+    agent = MTPPO(OBS, ACT, T, np.ones((T, ACT), np.float32), cfg, backbone=backbone,
+                  backbone_kwargs={"width": width, "depth": 3}, method=method, device=device, seed=0)
+    used = agent.compile(mode) if mode != "off" else "off"
+    g = torch.Generator().manual_seed(0)
+    batch = {"obs": torch.randn(T, B, OBS, generator=g), "action": torch.randn(T, B, ACT, generator=g),
+             "logp": torch.randn(T, B, generator=g), "value": torch.randn(T, B, generator=g),
+             "ret": torch.randn(T, B, generator=g), "adv": torch.randn(T, B, generator=g)}
+    batch = {k: v.to(device) for k, v in batch.items()}
+    return (lambda: agent.update(batch)), used
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def rate(fn, device: torch.device, seconds: float) -> float:
+    """Updates per second over at least ``seconds`` (and at least 3 updates)."""
+    sync(device)
+    n, t0 = 0, time.perf_counter()
+    while n < 3 or time.perf_counter() - t0 < seconds:
+        fn()
+        n += 1
+    sync(device)
+    return n / (time.perf_counter() - t0)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--seconds", type=float, default=1.0, help="minimum time per timed round")
+    ap.add_argument("--widths", default="8,400")
+    ap.add_argument("--methods", default="mtsac,pcgrad,moe")
+    ap.add_argument("--algos", default="sac")
+    ap.add_argument("--compile", default="default", help="the compiled side's mode (default, reduce-overhead, ...)")
+    args = ap.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("--device cuda: no CUDA device is visible to torch; valid here: cpu", file=sys.stderr)
+        return 2
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    backbones = set(available_backbones())
+    rows: List[Tuple[str, ...]] = []
+    print(f"device {device}, {args.threads} thread(s), MT10 batch {T}x{B}, medians of {args.repeats} rounds "
+          f"of >= {args.seconds:g} s, torch {torch.__version__}", flush=True)
+    for algo in args.algos.split(","):
+        case = sac_case if algo == "sac" else ppo_case
+        for name in args.methods.split(","):
+            method, backbone = ("mtsac", name) if name in backbones else (name, "mlp")
+            for width in (int(w) for w in args.widths.split(",")):
+                torch.manual_seed(0)
+                eager, _ = case(method, backbone, width, device, "off")
+                comp, used = case(method, backbone, width, device, args.compile)
+                t0 = time.perf_counter()
+                comp()
+                comp()
+                sync(device)
+                compile_s = time.perf_counter() - t0
+                eager()
+                r: Dict[str, List[float]] = {"eager": [], "compiled": []}
+                for _ in range(args.repeats):
+                    r["eager"].append(rate(eager, device, args.seconds))
+                    r["compiled"].append(rate(comp, device, args.seconds))
+                e, c = statistics.median(r["eager"]), statistics.median(r["compiled"])
+                rows.append((algo, name, str(width), f"{e:.1f}", f"{c:.1f}", f"{c / e:.2f}", used,
+                             f"{compile_s:.0f}"))
+                print("  " + " | ".join(rows[-1]), flush=True)
+    head = ("algo", "method", "width", "eager upd/s", "compiled upd/s", "compiled/eager", "mode", "compile s")
+    print("\n| " + " | ".join(head) + " |\n|" + "---|" * len(head))
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
