@@ -37,6 +37,7 @@ T, B, OBS, ACT = 10, 128, 39, 4
 
 
 def sac_case(method: str, backbone: str, width: int, device: torch.device, mode: str):
+    torch.manual_seed(0)
     agent = MTSAC(OBS, ACT, T, np.ones((T, ACT), np.float32), SACConfig(), backbone=backbone,
                   backbone_kwargs={"width": width, "depth": 3}, method=method, device=device, seed=0)
     used = agent.compile(mode) if mode != "off" else "off"
@@ -49,6 +50,7 @@ def sac_case(method: str, backbone: str, width: int, device: torch.device, mode:
 
 
 def ppo_case(method: str, backbone: str, width: int, device: torch.device, mode: str):
+    torch.manual_seed(0)
     cfg = PPOConfig(epochs=1, minibatches=1)
     agent = MTPPO(OBS, ACT, T, np.ones((T, ACT), np.float32), cfg, backbone=backbone,
                   backbone_kwargs={"width": width, "depth": 3}, method=method, device=device, seed=0)
@@ -102,7 +104,6 @@ def main(argv=None) -> int:
         for name in args.methods.split(","):
             method, backbone = ("mtsac", name) if name in backbones else (name, "mlp")
             for width in (int(w) for w in args.widths.split(",")):
-                torch.manual_seed(0)
                 eager, _ = case(method, backbone, width, device, "off")
                 comp, used = case(method, backbone, width, device, args.compile)
                 t0 = time.perf_counter()
