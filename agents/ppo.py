@@ -391,7 +391,7 @@ class MTPPO:
 
     def nonfinite(self) -> None:
         """Host check, once per round: raise :class:`NonFiniteLoss` if a minibatch step was skipped since."""
-        raise_nonfinite(self.monitor)
+        raise_nonfinite(self.monitor, self.critic_method, self.actor_method)
 
     # --- acting and state -----------------------------------------------------------------------------------
     def policy_state(self) -> Dict[str, np.ndarray]:

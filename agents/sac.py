@@ -220,8 +220,11 @@ def update_generator(device: torch.device, seed: int) -> torch.Generator:
     return gen
 
 
-def raise_nonfinite(monitor: NonFiniteMonitor) -> None:
-    """Raise :class:`NonFiniteLoss` for the first loss with skipped steps since the last check (host read)."""
+def raise_nonfinite(monitor: NonFiniteMonitor, *methods) -> None:
+    """Raise :class:`NonFiniteLoss` for the first loss with skipped steps since the last check (host read), then
+    the methods' own deferred checks (``Method.check``: e.g. FAMO's losses <= min_losses, a ValueError)."""
+    for m in methods:
+        m.check()
     bad = monitor.collect()
     if bad:
         name, task, count = bad[0]
@@ -437,7 +440,7 @@ class MTSAC:
 
     def nonfinite(self) -> None:
         """Host check, every ``log_every`` updates: raise :class:`NonFiniteLoss` if a step was skipped since."""
-        raise_nonfinite(self.monitor)
+        raise_nonfinite(self.monitor, self.critic_method, self.actor_method)
 
     def _frozen_critic(self) -> Dict[str, Tensor]:
         return {k: v.detach() for k, v in self.critic.named_parameters()}
