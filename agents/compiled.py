@@ -28,6 +28,10 @@ from torch import nn
 MODES = ("auto", "off", "default", "reduce-overhead", "max-autotune")
 
 
+def has_hooks(modules: Iterable[nn.Module]) -> bool:
+    return any(callable(getattr(sub, "after_step", None)) for mod in modules for sub in mod.modules())
+
+
 def why_not_compiled(methods: Iterable[Any], modules: Iterable[nn.Module]) -> Optional[str]:
     """The first thing that keeps ``auto`` from compiling, or None."""
     for m in methods:
@@ -46,11 +50,16 @@ class Compiled:
     ``reset`` runs before the eager retry (e.g. re-zeroing gradient buffers the failed attempt may have written).
     """
 
-    def __init__(self, fn: Callable, mode: str, name: str, reset: Optional[Callable[[], None]] = None) -> None:
+    def __init__(self, fn: Callable, mode: str, name: str, reset: Optional[Callable[[], None]] = None,
+                 static_modules: bool = False) -> None:
         self.fn, self.name, self.reset = fn, name, reset
         self.mode = mode
+        # Guards re-check every module attribute at every call (~0.5 ms per call with MT-SAC's networks). Modules
+        # that nothing changes after construction (no after_step hooks: parameters are only ever updated in
+        # place) need none of them.
+        options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe} if static_modules else {}
         self.compiled: Optional[Callable] = torch.compile(fn, mode=None if mode == "default" else mode,
-                                                          dynamic=False)
+                                                          dynamic=False, options=options or None)
         self.first = True
         self.seconds = 0.0
 

@@ -3,6 +3,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from agents.sac import MTSAC, squash
 from mtrl.config import SACConfig
@@ -177,3 +178,27 @@ def test_non_finite_gradient_with_finite_losses_skips_the_step():
     assert (e.value.loss, e.value.kind, e.value.task) == ("critic", "gradient", None)
     for k, v in ag.critic.state_dict().items():
         assert torch.equal(before[k], v)
+
+
+def test_fused_adam_step_equals_torch_adam_step_and_skips_on_found_inf():
+    from agents.optim import fused_adam_step
+
+    torch.manual_seed(0)
+    a, b = nn.Linear(4, 3), nn.Linear(4, 3)
+    b.load_state_dict(a.state_dict())
+    oa = torch.optim.Adam(a.parameters(), lr=1e-2, eps=1e-5, fused=True)
+    ob = torch.optim.Adam(b.parameters(), lr=1e-2, eps=1e-5, fused=True)
+    for i in range(4):
+        x = torch.randn(8, 4)
+        for m in (a, b):
+            m.zero_grad()
+            m(x).pow(2).sum().backward()
+        skip = torch.tensor(float(i == 2))
+        oa.found_inf = skip
+        oa.step()
+        fused_adam_step(ob, skip)
+        for pa, pb in zip(a.parameters(), b.parameters()):
+            assert torch.equal(pa, pb)
+        for sa, sb in zip(oa.state.values(), ob.state.values()):
+            assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert float(next(iter(ob.state.values()))["step"]) == 3.0  # the skipped step did not count
