@@ -7,6 +7,7 @@ learner's process (``--workers 0``); the training loop talks only to the pool. T
 
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -181,13 +182,21 @@ class RolloutWorker:
         return {"task_indices": self.task_indices, "obs": obs, "action": act, "reward": rew, "next_obs": nxt,
                 "terminated": term, "episodes": episodes, "steps": k * n_steps}
 
-    def evaluate(self, num_episodes: int, eval_seed: int) -> Dict[int, Dict[str, float]]:
+    def evaluate(self, num_episodes: int, eval_seed: int,
+                 weights: Optional[Dict[str, np.ndarray]] = None) -> Dict[int, Dict[str, float]]:
         """Deterministic policy on fresh evaluation envs. Meta-World: metaworld's own protocol helper (success if
         ``info["success"]`` is ever 1; with 50 episodes each of the task's 50 goals exactly once). DMC: mean return.
+        ``weights``: evaluate these instead of the collection policy, which stays as it is (a copy holds them).
         """
         from .evaluation import evaluate_tasks
 
-        return evaluate_tasks(self.suite, self.task_indices, self.policy, self.mask, num_episodes,
+        policy = self.policy
+        if weights is not None:
+            if getattr(self, "_eval_policy", None) is None:
+                self._eval_policy = copy.deepcopy(self.policy)
+            policy = self._eval_policy
+            policy.load_state_dict({k: torch.tensor(v) for k, v in weights.items()})
+        return evaluate_tasks(self.suite, self.task_indices, policy, self.mask, num_episodes,
                               goal_seed=self.spec.goal_seed, eval_seed=eval_seed)
 
 
@@ -343,9 +352,15 @@ class WorkerPool:
         for i in range(len(self.workers)):
             self._call(i, "set_weights", self._weights)  # in-process: errors resurface on the next collect
 
-    def evaluate(self, num_episodes: int, eval_seed: int) -> Tuple[Dict[int, Dict[str, float]], Dict[int, str]]:
-        """Per-task results from every worker, plus {worker index: error} for workers that failed."""
-        futures = [self._call(i, "evaluate", num_episodes, eval_seed) for i in range(len(self.workers))]
+    def evaluate(self, num_episodes: int, eval_seed: int, weights: Optional[Dict[str, np.ndarray]] = None
+                 ) -> Tuple[Dict[int, Dict[str, float]], Dict[int, str]]:
+        """Per-task results from every worker, plus {worker index: error} for workers that failed. ``weights``:
+        the policy to evaluate (shipped once), leaving each worker's collection policy as it is."""
+        if weights is not None and self.use_ray:
+            import ray
+
+            weights = ray.put(weights)
+        futures = [self._call(i, "evaluate", num_episodes, eval_seed, weights) for i in range(len(self.workers))]
         merged: Dict[int, Dict[str, float]] = {}
         failed: Dict[int, str] = {}
         for i, f in enumerate(futures):

@@ -312,8 +312,10 @@ class Trainer:
                 if self._may_submit(total_steps):
                     pool.submit_collect(i, cfg.chunk_steps)
             due = self.target_updates() > self.updates and self.replay.can_sample(B)
-            if not due and not pool.pending:
-                break  # nothing to learn, nothing to collect: the budget is spent
+            if (not due or self.env_steps >= total_steps) and not pool.pending:
+                # The budget is spent. Updates the last chunk still owes are left to a resumed run, which does
+                # them exactly where an uninterrupted run would (at most max_lag_steps of data).
+                break
             for i, result in pool.ready(block=not due):
                 if isinstance(result, WorkerError):
                     self._worker_failed(i, result.message)
@@ -327,23 +329,13 @@ class Trainer:
             if self.env_steps >= self.next_eval and self.env_steps < total_steps:
                 self.evaluate(final=False)
             if self.env_steps >= self.next_ckpt and self.env_steps < total_steps:
-                self._catch_up()
-                self.save_checkpoint()
+                self.save_checkpoint()  # records the state as it is: taking it changes nothing in the run
         pool.discard_pending()
         self.check_nonfinite()
 
     @staticmethod
     def _next(steps: int, every: int) -> float:
         return (steps // every + 1) * every if every > 0 else math.inf
-
-    def _catch_up(self) -> None:
-        """Do the updates the data already owes, then sync weights to the workers. A checkpoint is taken only at
-        such a point — and a resumed run starts from one (all owed updates done, workers holding the current
-        policy) — so with the in-process worker a resumed run continues exactly as an uninterrupted one."""
-        while self.target_updates() > self.updates and self.replay.can_sample(self.cfg.sac.batch_size):
-            self._update()
-        assert self.pool is not None
-        self.pool.broadcast(self.agent.policy_state())
 
     def _ingest(self, result: Dict[str, Any]) -> int:
         for k, t in enumerate(result["task_indices"]):
@@ -478,12 +470,16 @@ class Trainer:
 
     # --- evaluation and checkpoints -------------------------------------------------------------------------
     def evaluate(self, final: bool) -> Dict[str, Any]:
+        """Evaluate the learner's current policy. The workers evaluate it on their evaluation envs without taking
+        it as their collection policy, so an evaluation changes nothing in the run (collection keeps its weight-sync
+        schedule)."""
         assert self.pool is not None and self.logger is not None
-        self.pool.broadcast(self.agent.policy_state())
+        weights = self.agent.policy_state()
         t0 = time.time()
         per_task: Dict[int, Dict[str, float]] = {}
         while len(per_task) < self.T:
-            got, failed = self.pool.evaluate(self.cfg.eval_episodes, eval_seed=self.cfg.seed + 10_000)
+            got, failed = self.pool.evaluate(self.cfg.eval_episodes, eval_seed=self.cfg.seed + 10_000,
+                                             weights=weights)
             per_task.update(got)
             for i, err in failed.items():
                 self._worker_failed(i, err)

@@ -115,6 +115,27 @@ def test_interrupted_and_resumed_run_is_bit_identical_with_in_process_worker(tmp
     assert torch.equal(a["replay"]["obs"], b["replay"]["obs"])  # the same data was collected after the resume
 
 
+@pytest.mark.parametrize("every", ["0", "900"])
+def test_taking_a_checkpoint_changes_nothing_in_the_run(tmp_path, every):
+    """The same command ends in the same parameters whatever --checkpoint-every is, and a run stopped at 1200 and
+    resumed to 2400 ends where an uninterrupted 2400-step run that never checkpointed ends (issue 11)."""
+    import torch
+
+    from mtrl import checkpoint
+
+    common = ["--tasks", "reach-v3,push-v3", "--workers", "0", "--eval-every", "0", "--set", "save_replay=true",
+              *TINY]
+    assert train.main(common + ["--total-steps", "2400", "--checkpoint-every", every,
+                                "--run-dir", str(tmp_path / "a")]) == 0
+    assert train.main(common + ["--total-steps", "1200", "--run-dir", str(tmp_path / "b")]) == 0
+    assert train.main(["--resume", str(tmp_path / "b"), "--total-steps", "2400", "--no-progress"]) == 0
+    a, b = checkpoint.load(tmp_path / "a"), checkpoint.load(tmp_path / "b")
+    assert a["counters"]["updates"] == b["counters"]["updates"] > 0
+    for net in ("actor", "critic", "critic_target"):
+        for k, v in a["agent"][net].items():
+            assert torch.equal(v, b["agent"][net][k]), (net, k)
+
+
 @pytest.mark.ray
 def test_two_node_loopback_cluster_run_completes(tmp_path):
     """Two `ray start` processes on 127.0.0.1 (head + worker node, 1 CPU each); `--address` joins them and the two
