@@ -312,10 +312,8 @@ class Trainer:
                 if self._may_submit(total_steps):
                     pool.submit_collect(i, cfg.chunk_steps)
             due = self.target_updates() > self.updates and self.replay.can_sample(B)
-            if (not due or self.env_steps >= total_steps) and not pool.pending:
-                # The budget is spent. Updates the last chunk still owes are left to a resumed run, which does
-                # them exactly where an uninterrupted run would (at most max_lag_steps of data).
-                break
+            if not due and not pool.pending:
+                break  # nothing to learn, nothing to collect: the budget is spent
             for i, result in pool.ready(block=not due):
                 if isinstance(result, WorkerError):
                     self._worker_failed(i, result.message)
@@ -325,6 +323,10 @@ class Trainer:
                 if progress is not None:
                     progress.update(n, updates=self.updates)
             if due:
+                self._update()
+            while not pool.use_ray and self.target_updates() > self.updates and self.replay.can_sample(B):
+                # In-process collection waits for the learner anyway: pay the whole debt now, so that after each
+                # iteration the state is the same whether the run goes on or stops here (exact resume).
                 self._update()
             if self.env_steps >= self.next_eval and self.env_steps < total_steps:
                 self.evaluate(final=False)
