@@ -28,10 +28,6 @@ from torch import nn
 MODES = ("auto", "off", "default", "reduce-overhead", "max-autotune")
 
 
-def has_hooks(modules: Iterable[nn.Module]) -> bool:
-    return any(callable(getattr(sub, "after_step", None)) for mod in modules for sub in mod.modules())
-
-
 def why_not_compiled(methods: Iterable[Any], modules: Iterable[nn.Module]) -> Optional[str]:
     """The first thing that keeps ``auto`` from compiling, or None."""
     for m in methods:
@@ -50,16 +46,15 @@ class Compiled:
     ``reset`` runs before the eager retry (e.g. re-zeroing gradient buffers the failed attempt may have written).
     """
 
-    def __init__(self, fn: Callable, mode: str, name: str, reset: Optional[Callable[[], None]] = None,
-                 static_modules: bool = False) -> None:
+    def __init__(self, fn: Callable, mode: str, name: str, reset: Optional[Callable[[], None]] = None) -> None:
         self.fn, self.name, self.reset = fn, name, reset
         self.mode = mode
-        # Guards re-check every module attribute at every call (~0.5 ms per call with MT-SAC's networks). Modules
-        # that nothing changes after construction (no after_step hooks: parameters are only ever updated in
-        # place) need none of them.
-        options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe} if static_modules else {}
+        # Dynamo's guards re-check the modules at every call (~0.25 ms a call here). Skipping them
+        # (torch.compiler.skip_guard_on_all_nn_modules_unsafe) was tried and is wrong: two agents in one process
+        # share the method's code object, so the second one ran the first one's graph (a 3 x 8 graph on 3 x 400
+        # weights).
         self.compiled: Optional[Callable] = torch.compile(fn, mode=None if mode == "default" else mode,
-                                                          dynamic=False, options=options or None)
+                                                          dynamic=False)
         self.first = True
         self.seconds = 0.0
 

@@ -385,8 +385,7 @@ class MTPPO:
         used = compiled.resolve(mode, self.device, [self.critic_method, self.actor_method], [self.actor, self.critic])
         if used != "off":
             reset = lambda: [g.zero() for g in self.grads.values()]  # noqa: E731
-            static = not compiled.has_hooks([self.actor, self.critic])
-            self._grad_fns = {name: compiled.Compiled(fn, used, f"the PPO {name} gradient", reset, static)
+            self._grad_fns = {name: compiled.Compiled(fn, used, f"the PPO {name} gradient", reset)
                               for name, fn in self._gradient_functions().items()}
         return used
 

@@ -434,9 +434,8 @@ class MTSAC:
         used = compiled.resolve(mode, self.device, [self.critic_method, self.actor_method], [self.actor, self.critic])
         if used != "off":
             reset = lambda: [g.zero() for g in (*self.grads.values(), self.alpha_grads)]  # noqa: E731
-            static = not compiled.has_hooks([self.actor, self.critic])
-            self._critic_grads = compiled.Compiled(self.critic_grads, used, "the critic gradient", reset, static)
-            self._actor_grads = compiled.Compiled(self.actor_grads, used, "the actor gradient", reset, static)
+            self._critic_grads = compiled.Compiled(self.critic_grads, used, "the critic gradient", reset)
+            self._actor_grads = compiled.Compiled(self.actor_grads, used, "the actor gradient", reset)
         return used
 
     def nonfinite(self) -> None:

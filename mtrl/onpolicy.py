@@ -23,7 +23,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from agents.ppo import MTPPO, build_policy, explained_variance
+from agents.ppo import build_policy, explained_variance
 
 from .config import PPOConfig
 from .logging import Progress
@@ -89,12 +89,7 @@ class OnPolicyTrainer(Trainer):
     """``--algo ppo``: the Trainer's machinery with synchronous collection rounds and PPO updates."""
 
     worker_cls = PPOWorker
-
-    def _build_learner(self, agent_seed: int, replay_seed: int):
-        del replay_seed
-        agent = MTPPO(self.suite.obs_dim, self.suite.act_dim, self.T, self.suite.action_mask, self.cfg.ppo,
-                      **self._agent_kwargs(agent_seed))
-        return agent, None
+    on_policy = True  # the learner holds MT-PPO and no replay
 
     def _worker_spec(self, i: int, task_slice: List[int]) -> PPOWorkerSpec:
         base = super()._worker_spec(i, task_slice)

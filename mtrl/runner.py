@@ -24,15 +24,16 @@ import numpy as np
 import torch
 import yaml
 
-from agents.sac import MTSAC, NonFiniteLoss
+from agents.sac import NonFiniteLoss
 from envs import Suite, get_suite
 
 from . import checkpoint
+from .cluster import install_sigterm, start_ray, train_placed  # noqa: F401 (train_placed: scripts/train.py)
 from .config import Config, to_dict
-from .devices import global_rng_states, resolve_device, restore_global_rng
+from .devices import resolve_device
 from .evaluation import summarize
+from .learner import Learner
 from .logging import Logger, Progress, cosine_image, git_commit, versions
-from .replay import make_replay
 from .rollout import RolloutWorker, WorkerError, WorkerPool, WorkerSpec, split_tasks
 
 
@@ -73,6 +74,7 @@ def _write_json(path: Path, data: Any) -> None:
 
 class Trainer:
     worker_cls: type = RolloutWorker  # issue 5: the on-policy trainer (mtrl/onpolicy.py) uses its own worker class
+    on_policy = False  # the learner holds MT-SAC and a replay; the on-policy trainer's holds MT-PPO
 
     def __init__(self, cfg: Config, run_dir: Path, resume: Optional[Dict[str, Any]] = None) -> None:
         self.cfg = cfg
@@ -84,8 +86,8 @@ class Trainer:
         ss = np.random.SeedSequence(cfg.seed)
         torch_seq, replay_seq, worker_seq, agent_seq = ss.spawn(4)
         torch.manual_seed(int(torch_seq.generate_state(1)[0]))
-        self.agent, self.replay = self._build_learner(int(agent_seq.generate_state(1)[0]),
-                                                      int(replay_seq.generate_state(1)[0]))
+        self.learner = Learner(cfg, self.suite, self.device, int(agent_seq.generate_state(1)[0]),
+                               int(replay_seq.generate_state(1)[0]), on_policy=self.on_policy)
         self.env_steps = 0
         self.updates = 0
         self.task_steps = np.zeros(T, dtype=np.int64)
@@ -108,25 +110,17 @@ class Trainer:
         self._started_ray = False
 
     # --- set-up ---------------------------------------------------------------------------------------------
-    def _build_learner(self, agent_seed: int, replay_seed: int):
-        """(agent, replay) of this trainer; the on-policy trainer (issue 5) builds MTPPO and no replay."""
-        cfg, T = self.cfg, self.T
-        agent = MTSAC(self.suite.obs_dim, self.suite.act_dim, T, self.suite.action_mask, cfg.sac,
-                      **self._agent_kwargs(agent_seed))
-        replay = make_replay(cfg.replay_device, self.device, T, cfg.sac.buffer_size // T, self.suite.obs_dim,
-                             self.suite.act_dim, seed=replay_seed)
-        return agent, replay
+    @property
+    def agent(self) -> Any:
+        return self.learner.agent
 
-    def _agent_kwargs(self, agent_seed: int) -> Dict[str, Any]:
-        """The keyword arguments MTSAC and MTPPO share: networks, methods, device and seed."""
-        cfg = self.cfg
-        return dict(backbone=cfg.backbone, backbone_kwargs=cfg.backbone_kwargs, method=cfg.method,
-                    method_kwargs=cfg.method_kwargs, actor_method=cfg.actor_method or None, device=self.device,
-                    seed=agent_seed, critic_backbone=cfg.critic_backbone or None,
-                    critic_backbone_kwargs=cfg.critic_backbone_kwargs)
+    @property
+    def replay(self) -> Any:
+        return self.learner.replay
 
     def _restore(self, payload: Dict[str, Any]) -> None:
-        self.agent.load_state_dict(payload["agent"])
+        for note in self.learner.load_state_dict(payload):
+            print(note, file=sys.stderr, flush=True)
         c = payload["counters"]
         self.env_steps, self.updates, self.episodes = int(c["env_steps"]), int(c["updates"]), int(c["episodes"])
         self.resumes = int(c["resumes"]) + 1
@@ -136,42 +130,8 @@ class Trainer:
         self.next_eval = float(c["next_eval"])
         self.next_ckpt = float(c["next_ckpt"])
         self.history = json.loads(payload["history"])
-        if "replay" in payload:
-            self.replay.load_state_dict(payload["replay"])
         if "worker_state" in payload and self.cfg.workers == 0:
             self._worker_state = payload["worker_state"]  # applied once the in-process worker exists
-        if "replay_rng" in payload:
-            note = self.replay.load_rng_state(payload["replay_rng"])
-            if note:
-                print(note, file=sys.stderr, flush=True)
-        restore_global_rng(payload["torch_rng"])
-        if self.agent.restore_note:
-            print(self.agent.restore_note, file=sys.stderr, flush=True)
-
-    def _start_ray(self) -> None:
-        import ray
-
-        if ray.is_initialized():
-            return
-        os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-        if self.cfg.address:
-            ray.init(address=self.cfg.address, include_dashboard=False, log_to_driver=True)
-        else:
-            # Embedded local Ray sized to the machine; never fewer CPUs than the workers ask for, or the actors
-            # would wait forever for resources.
-            cpus = max(os.cpu_count() or 1, math.ceil(self.cfg.workers * self.cfg.worker_cpus))
-            # Workers import this project: point them at the checkout even when it is not pip-installed.
-            root = str(Path(__file__).resolve().parent.parent)
-            path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
-            # Ray starts workers at niceness 15; on one machine the learner then starves its own data source
-            # whenever anything else is busy. Rollout workers are the learner's supply, not background work.
-            os.environ.setdefault("RAY_worker_niceness", "0")
-            # The dashboard is off unless asked for, and then serves on loopback only.
-            # address="local": always a fresh embedded cluster, never a leftover one that happens to run here.
-            ray.init(address="local", num_cpus=cpus, include_dashboard=self.cfg.dashboard, dashboard_host="127.0.0.1",
-                     log_to_driver=True, object_store_memory=256 * 1024 * 1024,
-                     runtime_env={"env_vars": {"PYTHONPATH": path}})
-        self._started_ray = True
 
     def _worker_spec(self, i: int, task_slice: List[int]) -> WorkerSpec:
         """Worker ``i``'s spec with the next fresh seed stream: a restarted worker does not replay old randomness."""
@@ -194,7 +154,7 @@ class Trainer:
         specs = [self._worker_spec(i, sl) for i, sl in enumerate(slices)]
         self.failures_in_a_row = [0] * len(specs)
         if cfg.workers > 0:
-            self._start_ray()
+            self._started_ray |= start_ray(cfg)
         return WorkerPool(specs, use_ray=cfg.workers > 0, worker_cpus=cfg.worker_cpus, worker_cls=self.worker_cls)
 
     def _worker_failed(self, i: int, error: str) -> None:
@@ -250,8 +210,7 @@ class Trainer:
             # on CUDA too, where its host-side work (dispatch, replay gathers) would otherwise contend with them.
             busy = math.ceil(self.cfg.workers * self.cfg.worker_cpus)
             torch.set_num_threads(max(1, (os.cpu_count() or 1) - busy))
-        if callable(getattr(self.agent, "compile", None)):
-            self.compile_mode = self.agent.compile(self.cfg.compile)  # compiles at the first update (time printed)
+        self.learner.compile()  # the graphs are built at the first update (the time is printed)
         self.pool = self._make_pool()
         self.pool.broadcast(self.agent.policy_state())
         if self._worker_state is not None:
@@ -279,7 +238,7 @@ class Trainer:
             self.start()
             # After start(): ray.init installs Ray's own SIGTERM handler (a stack dump, then death, no checkpoint);
             # ours must be the one in place.
-            prev_term = _install_sigterm()
+            prev_term = install_sigterm()
             self.run_until(cfg.total_steps, progress)
             final = self.evaluate(final=True)
             self.save_checkpoint()
@@ -306,12 +265,11 @@ class Trainer:
         """Collect and learn until ``total_steps`` env steps; periodic evaluation and checkpoints on the way."""
         cfg, pool = self.cfg, self.pool
         assert pool is not None, "call start() first"
-        B = cfg.sac.batch_size
         while True:
             for i in pool.idle():
                 if self._may_submit(total_steps):
                     pool.submit_collect(i, cfg.chunk_steps)
-            due = self.target_updates() > self.updates and self.replay.can_sample(B)
+            due = self.target_updates() > self.updates and self.learner.can_update()
             if not due and not pool.pending:
                 break  # nothing to learn, nothing to collect: the budget is spent
             for i, result in pool.ready(block=not due):
@@ -324,7 +282,7 @@ class Trainer:
                     progress.update(n, updates=self.updates)
             if due:
                 self._update()
-            while not pool.use_ray and self.target_updates() > self.updates and self.replay.can_sample(B):
+            while not pool.use_ray and self.target_updates() > self.updates and self.learner.can_update():
                 # In-process collection waits for the learner anyway: pay the whole debt now, so that after each
                 # iteration the state is the same whether the run goes on or stops here (exact resume).
                 self._update()
@@ -340,9 +298,8 @@ class Trainer:
         return (steps // every + 1) * every if every > 0 else math.inf
 
     def _ingest(self, result: Dict[str, Any]) -> int:
+        self.learner.add(result)
         for k, t in enumerate(result["task_indices"]):
-            self.replay.add(t, result["obs"][k], result["action"][k], result["reward"][k], result["next_obs"][k],
-                            result["terminated"][k])
             self.task_steps[t] += len(result["reward"][k])
         for t, ret, succ, _length in result["episodes"]:
             self.recent_ret[t].append(ret)
@@ -369,14 +326,13 @@ class Trainer:
         ``log_every`` updates, before a checkpoint and at the end of the loop; the update step itself never
         synchronises, and a non-finite step never touches the parameters (it is skipped on the device)."""
         try:
-            self.agent.nonfinite()
+            self.learner.check()
         except NonFiniteLoss as e:
             self._non_finite(e)
 
     def _update(self) -> None:
         cfg = self.cfg
-        batch = self.replay.sample(cfg.sac.batch_size, self.device, context_len=self.agent.context_len)
-        info = self.agent.update(batch)
+        info = self.learner.update()
         self.updates += 1
         if self.updates % cfg.weight_sync_every == 0:
             assert self.pool is not None
@@ -509,7 +465,6 @@ class Trainer:
         self.check_nonfinite()  # a run that must stop for a non-finite loss stops before writing anything
         self.next_ckpt = self._next(self.env_steps, self.cfg.checkpoint_every)
         payload: Dict[str, Any] = {
-            "agent": self.agent.state_dict(),
             "counters": {"env_steps": self.env_steps, "updates": self.updates, "episodes": self.episodes,
                          "worker_restarts": self.worker_restarts, "nan_skipped": self.nan_skipped,
                          "resumes": self.resumes, "next_eval": float(self.next_eval),
@@ -517,12 +472,8 @@ class Trainer:
             "task_steps": torch.from_numpy(self.task_steps.copy()),
             "history": json.dumps(self.history, default=float),
             "config": yaml.safe_dump(to_dict(self.cfg), sort_keys=False),
-            "torch_rng": global_rng_states(),
+            **self.learner.state_dict(save_replay=self.cfg.save_replay),
         }
-        if self.replay is not None:
-            payload["replay_rng"] = self.replay.rng_state()
-        if self.cfg.save_replay and self.replay is not None:
-            payload["replay"] = self.replay.state_dict()
         # The in-process worker's envs mid-episode, RNGs and policy: with the replay (off-policy) or on its own
         # (on-policy, which has no replay), a resumed run collects exactly what the uninterrupted one would.
         if self.cfg.save_replay or self.replay is None:
@@ -532,64 +483,3 @@ class Trainer:
                 except Exception:  # a broken worker has no state worth keeping; resume rebuilds it
                     pass
         checkpoint.save(self.run_dir / checkpoint.CKPT_NAME, payload)
-
-
-class _LearnerActor:
-    """Runs a whole trainer inside a Ray actor, so the learner can sit on a cluster node that has the GPU."""
-
-    def train(self, trainer_cls: type, cfg: Config, run_dir: Path, resume: Optional[Dict[str, Any]]):
-        return trainer_cls(cfg, run_dir, resume=resume).train()
-
-
-def learner_in_actor(cfg: Config) -> bool:
-    """Where the learner runs: "driver" (this process), "actor" (a Ray actor), or "auto" (an actor holding a GPU
-    when joining a cluster that has one and the device is not "cpu"; otherwise this process)."""
-    if cfg.learner_placement != "auto":
-        return cfg.learner_placement == "actor"
-    if not cfg.address or cfg.device == "cpu":
-        return False
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=cfg.address, include_dashboard=False, log_to_driver=True)
-    return ray.cluster_resources().get("GPU", 0) > 0
-
-
-def train_placed(trainer_cls: type, cfg: Config, run_dir: Path, resume: Optional[Dict[str, Any]] = None):
-    """``trainer_cls(cfg, run_dir, resume).train()`` here, or in a Ray actor asking for ``num_gpus=1`` when the
-    learner wants CUDA (``--device cuda``, or ``auto`` with a GPU in the cluster). The actor's exceptions reach the
-    caller as their own types (Ray re-raises them as subclasses of the cause)."""
-    if not learner_in_actor(cfg):
-        return trainer_cls(cfg, run_dir, resume=resume).train()
-    import ray
-
-    if not ray.is_initialized():
-        if cfg.address:
-            ray.init(address=cfg.address, include_dashboard=False, log_to_driver=True)
-        else:  # a local cluster with room for the learner actor beside the workers
-            cpus = max(os.cpu_count() or 1, math.ceil(cfg.workers * cfg.worker_cpus)) + 1
-            os.environ.setdefault("RAY_worker_niceness", "0")
-            root = str(Path(__file__).resolve().parent.parent)
-            ray.init(address="local", num_cpus=cpus, include_dashboard=cfg.dashboard, dashboard_host="127.0.0.1",
-                     log_to_driver=True, runtime_env={"env_vars": {"PYTHONPATH": root}})
-    gpus = 1 if cfg.device == "cuda" or (cfg.device == "auto" and ray.cluster_resources().get("GPU", 0) > 0) else 0
-    actor = ray.remote(num_cpus=1, num_gpus=gpus)(_LearnerActor).remote()
-    ref = actor.train.remote(trainer_cls, cfg, Path(run_dir), resume)
-    try:
-        return ray.get(ref)
-    except KeyboardInterrupt:
-        ray.cancel(ref)  # the actor's SIGINT path saves a checkpoint where Ray can deliver it
-        raise
-
-
-def _install_sigterm() -> Any:
-    """SIGTERM -> KeyboardInterrupt (so the run saves a checkpoint). Returns the previous handler, or None when not
-    in the main thread (e.g. inside a threaded Ray actor), where no handler can be installed."""
-    try:
-        return signal.signal(signal.SIGTERM, _raise_interrupt)
-    except ValueError:
-        return None
-
-
-def _raise_interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -145,30 +144,12 @@ def train_task(cfg_dict: Dict[str, Any], t: int, run_dir: str, env_seed: int, mo
     return {"t": t, "task": name, "history": history, "actor": actor}
 
 
-def _start_ray(cfg) -> bool:
-    """Embedded local Ray (as mtrl.runner.Trainer does) unless one is already connected. True if started here."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    if cfg.address:
-        ray.init(address=cfg.address, include_dashboard=False, log_to_driver=True)
-        return True
-    root = str(Path(__file__).resolve().parent.parent)
-    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
-    os.environ.setdefault("RAY_worker_niceness", "0")
-    cpus = max(os.cpu_count() or 1, math.ceil(cfg.worker_cpus))
-    # address="local": always a new embedded cluster, never silently joining another one running on this machine.
-    ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=True,
-             object_store_memory=256 * 1024 * 1024, runtime_env={"env_vars": {"PYTHONPATH": path}})
-    return True
-
-
 def run_stl(cfg, run_dir: Path) -> Dict[str, Any]:
     """Train the per-task references, write TensorBoard, results.json and checkpoint.pt; return the final result."""
     from envs import get_suite
 
     from . import checkpoint
+    from .cluster import start_ray
     from .config import to_dict
     from .evaluation import summarize
     from .logging import Logger, git_commit, versions
@@ -202,7 +183,7 @@ def run_stl(cfg, run_dir: Path) -> Dict[str, Any]:
         if cfg.workers > 0:
             import ray
 
-            started = _start_ray(cfg)
+            started = start_ray(cfg)
             remote = ray.remote(num_cpus=cfg.worker_cpus, max_retries=0)(train_task)
             refs = [remote.remote(cfg_dict, t, str(run_dir), *seeds[t]) for t in range(T)]
             outs = ray.get(refs)
