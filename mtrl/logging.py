@@ -16,7 +16,7 @@ import math
 import platform
 import subprocess
 from pathlib import Path
-from typing import Dict, Iterable, Optional
+from typing import Any, Dict, Iterable, List, Optional
 
 import numpy as np
 
@@ -111,3 +111,48 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()  # type: ignore[attr-defined]
+
+
+def log_gradients(lg: "Logger", step: int, info: Dict[str, Any]) -> None:
+    """Gradient-conflict diagnostics of an update's ``{critic,actor}_diag``, when the method formed a Gramian
+    (Jacobian methods): conflict fraction, cosine image, per-task norms and weights. Reads the device here."""
+    for name in ("critic", "actor"):
+        diag = info.get(f"{name}_diag") or {}
+        gram = diag.get("gramian")
+        if gram is None:
+            continue
+        g = gram.detach().double().cpu()
+        norms = g.diagonal().clamp_min(0).sqrt()
+        cos = (g / (norms[:, None] * norms[None, :]).clamp_min(1e-30)).numpy()
+        iu = np.triu_indices(len(cos), 1)
+        if len(iu[0]):
+            lg.scalar(f"grad/{name}/conflict_fraction", float((cos[iu] < 0).mean()), step)
+        lg.per_task("grad", f"{name}_norm", norms.numpy(), step)
+        lg.image(f"grad/{name}/cosine", cosine_image(cos), step)
+        if diag.get("weights") is not None:
+            lg.per_task("grad", f"{name}_weight", diag["weights"].detach().cpu().numpy(), step)
+
+
+def log_backbones(lg: "Logger", step: int, roles: Dict[str, Any], task_names: List[str]) -> None:
+    """What each backbone has inside (expert load, gate entropy, mask density/overlap, Gram check...):
+    ``diagnostics()`` of every submodule of the ``roles`` modules, device tensors (or host ints) read here."""
+    import torch
+
+    T = len(task_names)
+    for role, module in roles.items():
+        for mname, m in module.named_modules():
+            if m is module or not callable(getattr(m, "diagnostics", None)):
+                continue
+            prefix = f"backbone/{role}.{mname}" if mname else f"backbone/{role}"
+            for key, value in m.diagnostics().items():
+                v = np.asarray(value.detach().cpu() if isinstance(value, torch.Tensor) else value, dtype=float)
+                if v.ndim == 0:
+                    lg.scalar(f"{prefix}/{key}", float(v), step)
+                elif v.ndim == 1 and len(v) == T:
+                    for task, x in zip(task_names, v):
+                        lg.scalar(f"{prefix}/{key}/{task}", float(x), step)
+                elif v.ndim == 1 and len(v) <= 64:  # e.g. expert load (E,)
+                    for j, x in enumerate(v):
+                        lg.scalar(f"{prefix}/{key}/{j}", float(x), step)
+                elif v.ndim == 2 and v.shape[0] == T:  # task x task overlap, task x expert load
+                    lg.image(f"{prefix}/{key}", cosine_image(v / max(1e-12, float(np.abs(v).max()))), step)

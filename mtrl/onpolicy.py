@@ -7,7 +7,7 @@ round's observations into the observation statistics and broadcasts weights + st
 raises during a round is replaced (``Trainer._worker_failed``: bounded restarts) and its share of the round is
 collected again by the replacement with the same, unchanged policy; the other workers' data is kept.
 
-Reused from ``mtrl.runner.Trainer``: run directory files, Ray start, worker specs and seed streams, the pool,
+Reused from ``mtrl.base_trainer.BaseTrainer``: run directory files, Ray start, worker specs and seed streams, the pool,
 failure handling, evaluation (``pool.evaluate`` + ``summarize`` + results.json), checkpoints and ``--resume``,
 rollout/time logging and the gradient/backbone diagnostics. Budget: rounds are whole, so a run stops at the first
 round boundary at or past ``total_steps`` (it may overshoot by up to one round, T x rollout_steps env steps).
@@ -28,7 +28,7 @@ from agents.ppo import build_policy, explained_variance
 from .config import PPOConfig
 from .logging import Progress
 from .rollout import RolloutWorker, WorkerError, WorkerSpec
-from .runner import Trainer
+from .base_trainer import BaseTrainer
 
 
 @dataclass
@@ -85,7 +85,7 @@ class PPOWorker(RolloutWorker):
                 "next_obs": nxt, "terminated": term, "truncated": trunc, "episodes": episodes, "steps": k * n_steps}
 
 
-class OnPolicyTrainer(Trainer):
+class OnPolicyTrainer(BaseTrainer):
     """``--algo ppo``: the Trainer's machinery with synchronous collection rounds and PPO updates."""
 
     worker_cls = PPOWorker

@@ -9,178 +9,21 @@ Weights go to the workers every ``weight_sync_every`` updates.
 
 from __future__ import annotations
 
-import json
-import math
-import os
-import platform
-import signal
-import sys
-import time
-from collections import deque
-from pathlib import Path
-from typing import Any, Deque, Dict, List, Optional
+from typing import Any, Dict, Optional
 
-import numpy as np
-import torch
-import yaml
-
-from agents.sac import NonFiniteLoss
-from envs import Suite, get_suite
-
-from . import checkpoint
-from .cluster import install_sigterm, start_ray, train_placed  # noqa: F401 (train_placed: scripts/train.py)
-from .config import Config, to_dict
+from .base_trainer import BaseTrainer, NonFiniteError, WorkerFailure, _write_json, default_run_dir, protocol
+from .cluster import train_placed
 from .devices import resolve_device
-from .evaluation import summarize
-from .learner import Learner
-from .logging import Logger, Progress, cosine_image, git_commit, versions
-from .rollout import RolloutWorker, WorkerError, WorkerPool, WorkerSpec, split_tasks
+from .logging import Progress
+from .rollout import WorkerError
+
+# What scripts/train.py and mtrl/stl.py import from here.
+__all__ = ["Trainer", "NonFiniteError", "WorkerFailure", "default_run_dir", "protocol", "_write_json",
+           "train_placed", "resolve_device"]
 
 
-class NonFiniteError(RuntimeError):
-    """A loss became NaN/inf; the message names the loss and the task."""
-
-
-class WorkerFailure(RuntimeError):
-    """A rollout worker kept failing (e.g. an env that raises on every reset); the message names its tasks."""
-
-
-def default_run_dir(cfg: Config) -> Path:
-    suite = cfg.suite or "custom"
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    return Path("runs") / f"{suite}_{cfg.method}_{cfg.backbone}_s{cfg.seed}_{stamp}"
-
-
-def protocol(suite: Suite, cfg: Config) -> Dict[str, Any]:
-    from envs.make import REWARD_VERSION
-
-    p: Dict[str, Any] = {"suite": suite.name, "tasks": suite.task_names, "seed": cfg.seed,
-                         "eval_episodes_per_task": cfg.eval_episodes, "deterministic_eval": True,
-                         "horizon": {t.name: t.horizon for t in suite.tasks}, "step_axis": "env steps, all tasks"}
-    if suite.kind in ("metaworld", "mixed"):
-        p.update({"benchmark": "Meta-World v3", "reward_version": REWARD_VERSION, "goals_per_task": 50,
-                  "goal_resampling": "on reset", "success": "info['success'] ever 1 in the episode",
-                  "task_id": "index beside the observation (backbone decides: one-hot for mlp)"})
-    if suite.kind in ("dmc", "mixed"):
-        p.update({"benchmark_dmc": "dm_control suite, state observations, zero-padded", "dmc_metric": "return"})
-    return p
-
-
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=float))
-    os.replace(tmp, path)
-
-
-class Trainer:
-    worker_cls: type = RolloutWorker  # issue 5: the on-policy trainer (mtrl/onpolicy.py) uses its own worker class
-    on_policy = False  # the learner holds MT-SAC and a replay; the on-policy trainer's holds MT-PPO
-
-    def __init__(self, cfg: Config, run_dir: Path, resume: Optional[Dict[str, Any]] = None) -> None:
-        self.cfg = cfg
-        self.run_dir = Path(run_dir)
-        self.suite = get_suite(cfg.suite, cfg.tasks or None)
-        self.device = resolve_device(cfg.device)
-        T = self.suite.num_tasks
-        self.T = T
-        ss = np.random.SeedSequence(cfg.seed)
-        torch_seq, replay_seq, worker_seq, agent_seq = ss.spawn(4)
-        torch.manual_seed(int(torch_seq.generate_state(1)[0]))
-        self.learner = Learner(cfg, self.suite, self.device, int(agent_seq.generate_state(1)[0]),
-                               int(replay_seq.generate_state(1)[0]), on_policy=self.on_policy)
-        self.env_steps = 0
-        self.updates = 0
-        self.task_steps = np.zeros(T, dtype=np.int64)
-        self.episodes = 0
-        self.resumes = 0  # how many times this run was resumed: picks fresh worker RNG streams each time
-        self.history: List[Dict[str, Any]] = []
-        self.next_eval = cfg.eval_every if cfg.eval_every > 0 else math.inf
-        self.next_ckpt = cfg.checkpoint_every if cfg.checkpoint_every > 0 else math.inf
-        self.worker_restarts = 0
-        self.nan_skipped = 0
-        self._worker_state: Optional[Dict[str, Any]] = None
-        if resume is not None:
-            self._restore(resume)
-        self.worker_seq = worker_seq
-        self.recent_ret: List[Deque[float]] = [deque(maxlen=10) for _ in range(T)]
-        self.recent_succ: List[Deque[float]] = [deque(maxlen=10) for _ in range(T)]
-        self.pool: Optional[WorkerPool] = None
-        self.logger: Optional[Logger] = None
-        self.failures_in_a_row: List[int] = []
-        self._started_ray = False
-
-    # --- set-up ---------------------------------------------------------------------------------------------
-    @property
-    def agent(self) -> Any:
-        return self.learner.agent
-
-    @property
-    def replay(self) -> Any:
-        return self.learner.replay
-
-    def _restore(self, payload: Dict[str, Any]) -> None:
-        for note in self.learner.load_state_dict(payload):
-            print(note, file=sys.stderr, flush=True)
-        c = payload["counters"]
-        self.env_steps, self.updates, self.episodes = int(c["env_steps"]), int(c["updates"]), int(c["episodes"])
-        self.resumes = int(c["resumes"]) + 1
-        self.worker_restarts = int(c["worker_restarts"])
-        self.nan_skipped = int(c["nan_skipped"])
-        self.task_steps = payload["task_steps"].numpy().astype(np.int64)
-        self.next_eval = float(c["next_eval"])
-        self.next_ckpt = float(c["next_ckpt"])
-        self.history = json.loads(payload["history"])
-        if "worker_state" in payload and self.cfg.workers == 0:
-            self._worker_state = payload["worker_state"]  # applied once the in-process worker exists
-
-    def _worker_spec(self, i: int, task_slice: List[int]) -> WorkerSpec:
-        """Worker ``i``'s spec with the next fresh seed stream: a restarted worker does not replay old randomness."""
-        cfg, s = self.cfg, self.suite
-        env_seq, pol_seq = self._seed_seq.spawn(1)[0].spawn(2)
-        return WorkerSpec(
-            suite=s.name if s.name != "custom" else None, tasks=list(cfg.tasks), task_indices=task_slice,
-            goal_seed=cfg.seed, env_seeds=[int(x) for x in env_seq.generate_state(len(task_slice))],
-            policy_seed=int(pol_seq.generate_state(1)[0]), learning_starts=cfg.sac.learning_starts,
-            start_steps=[int(self.task_steps[t]) for t in task_slice], backbone=cfg.backbone,
-            backbone_kwargs=dict(cfg.backbone_kwargs), log_std_min=cfg.sac.log_std_min,
-            log_std_max=cfg.sac.log_std_max, name=f"worker{i}", pid_dir=str(self.run_dir / "workers"),
-            fault=cfg.fault_inject)
-
-    def _make_pool(self) -> WorkerPool:
-        cfg = self.cfg
-        slices = split_tasks(self.T, cfg.workers) if cfg.workers > 0 else [list(range(self.T))]
-        # One stream per resume, then one child per worker (re)start, in order.
-        self._seed_seq = self.worker_seq.spawn(self.resumes + 1)[self.resumes]
-        specs = [self._worker_spec(i, sl) for i, sl in enumerate(slices)]
-        self.failures_in_a_row = [0] * len(specs)
-        if cfg.workers > 0:
-            self._started_ray |= start_ray(cfg)
-        return WorkerPool(specs, use_ray=cfg.workers > 0, worker_cpus=cfg.worker_cpus, worker_cls=self.worker_cls)
-
-    def _worker_failed(self, i: int, error: str) -> None:
-        """Replace worker ``i`` (its delivered episodes are kept; its partial episodes are lost with it), or stop
-        the run when it failed ``max_worker_restarts`` times in a row."""
-        assert self.pool is not None and self.logger is not None
-        names = [self.suite.task_names[t] for t in self.pool.specs[i].task_indices]
-        self.failures_in_a_row[i] += 1
-        if self.failures_in_a_row[i] > self.cfg.max_worker_restarts:
-            raise WorkerFailure(f"rollout worker for task(s) {', '.join(names)} failed "
-                                f"{self.failures_in_a_row[i]} times in a row; last error: {error}")
-        self.worker_restarts += 1
-        self.logger.scalar("workers/restarts", self.worker_restarts, self.env_steps)
-        print(f"warning: rollout worker {i} ({', '.join(names)}) failed: {error}; restarting "
-              f"({self.failures_in_a_row[i]}/{self.cfg.max_worker_restarts})", file=sys.stderr, flush=True)
-        self.pool.replace(i, self._worker_spec(i, self.pool.specs[i].task_indices))
-
-    def _write_run_files(self) -> None:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
-        meta = {"versions": versions(), "git_commit": git_commit(), "protocol": protocol(self.suite, self.cfg),
-                "device": str(self.device), "learner": {"pid": os.getpid(), "host": platform.node()}}
-        _write_json(self.run_dir / "run_info.json", meta)
-        assert self.logger is not None
-        self.logger.text("config", "```\n" + yaml.safe_dump(to_dict(self.cfg), sort_keys=False) + "\n```")
-        self.logger.text("run_info", "```\n" + json.dumps(meta, indent=2) + "\n```")
+class Trainer(BaseTrainer):
+    """``--algo sac``: continuous collection by the workers, a fixed update-to-data ratio for the learner."""
 
     # --- counters -------------------------------------------------------------------------------------------
     @property
@@ -199,64 +42,6 @@ class Trainer:
         if self.cfg.max_lag_steps > 0:
             return self.cfg.max_lag_steps
         return max(2 * self.cfg.chunk_steps * self.T, 2 * self.T / self.cfg.sac.updates_per_step)
-
-    # --- the loop -------------------------------------------------------------------------------------------
-    def start(self) -> None:
-        """Run directory files, TensorBoard writer, workers (and Ray), first weight broadcast."""
-        self.logger = Logger(self.run_dir, self.suite.task_names)
-        self._write_run_files()
-        if self.cfg.workers > 0 and not self.cfg.address:
-            # The local workers each hold `worker_cpus` cores; the learner takes what is left (at least one) —
-            # on CUDA too, where its host-side work (dispatch, replay gathers) would otherwise contend with them.
-            busy = math.ceil(self.cfg.workers * self.cfg.worker_cpus)
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) - busy))
-        self.learner.compile()  # the graphs are built at the first update (the time is printed)
-        self.pool = self._make_pool()
-        self.pool.broadcast(self.agent.policy_state())
-        if self._worker_state is not None:
-            self.pool.workers[0].set_state(self._worker_state)  # exact resume: envs mid-episode, RNGs, policy
-            self._worker_state = None
-        self._t_log = (time.time(), self.env_steps, self.updates)
-
-    def close(self) -> None:
-        if self.pool is not None:
-            self.pool.shutdown()
-        if self.logger is not None:
-            self.logger.close()
-        if self._started_ray:
-            import ray
-
-            ray.shutdown()
-            self._started_ray = False
-
-    def train(self) -> Dict[str, Any]:
-        """The whole run: collect and learn to ``total_steps``, final evaluation and checkpoint."""
-        cfg = self.cfg
-        progress = Progress(cfg.total_steps, min(self.env_steps, cfg.total_steps), cfg.progress)
-        prev_term = None
-        try:
-            self.start()
-            # After start(): ray.init installs Ray's own SIGTERM handler (a stack dump, then death, no checkpoint);
-            # ours must be the one in place.
-            prev_term = install_sigterm()
-            self.run_until(cfg.total_steps, progress)
-            final = self.evaluate(final=True)
-            self.save_checkpoint()
-        except NonFiniteError:
-            raise  # keep the last good checkpoint: nothing from the bad update is written
-        except (KeyboardInterrupt, Exception):
-            # SIGINT/SIGTERM, a worker that keeps failing, or any crash: keep everything done so far
-            # (`--resume RUN_DIR` continues from here).
-            if self.pool is not None:
-                self.pool.discard_pending()
-                self.save_checkpoint()
-            raise
-        finally:
-            progress.close()
-            if prev_term is not None:
-                signal.signal(signal.SIGTERM, prev_term)
-            self.close()
-        return final
 
     def _may_submit(self, total_steps: int) -> bool:
         return self.env_steps < total_steps and (self.env_steps < self.warm_steps or self.lag() < self.max_lag())
@@ -293,10 +78,6 @@ class Trainer:
         pool.discard_pending()
         self.check_nonfinite()
 
-    @staticmethod
-    def _next(steps: int, every: int) -> float:
-        return (steps // every + 1) * every if every > 0 else math.inf
-
     def _ingest(self, result: Dict[str, Any]) -> int:
         self.learner.add(result)
         for k, t in enumerate(result["task_indices"]):
@@ -308,27 +89,6 @@ class Trainer:
         n = int(result["steps"])
         self.env_steps += n
         return n
-
-    def _non_finite(self, e: NonFiniteLoss) -> None:
-        """nan_policy "stop": raise NonFiniteError naming the task and the loss. "skip": count and log it."""
-        where = f"task {self.suite.task_names[e.task]!r}" if e.task is not None else "the combined update"
-        msg = (f"non-finite {e.loss} {e.kind} for {where} in {e.count} update step(s) up to update {self.updates} "
-               f"(env step {self.env_steps}); those steps were skipped")
-        if self.cfg.nan_policy == "stop":
-            raise NonFiniteError(msg) from None
-        self.nan_skipped += e.count
-        assert self.logger is not None
-        self.logger.scalar("train/nan_skipped", self.nan_skipped, self.env_steps)
-
-    def check_nonfinite(self) -> None:
-        """Read the learner's device-side record of skipped non-finite steps (one host read): under
-        nan_policy=stop raise NonFiniteError naming the loss and task, under "skip" count them. Called every
-        ``log_every`` updates, before a checkpoint and at the end of the loop; the update step itself never
-        synchronises, and a non-finite step never touches the parameters (it is skipped on the device)."""
-        try:
-            self.learner.check()
-        except NonFiniteLoss as e:
-            self._non_finite(e)
 
     def _update(self) -> None:
         cfg = self.cfg
@@ -363,123 +123,3 @@ class Trainer:
         lg.scalar("train/n_updates", self.updates, step)
         self._log_rollout_and_time(step)
 
-    def _log_rollout_and_time(self, step: int) -> None:
-        """rollout/* (last 10 episodes per task), time/*, workers/restarts; shared with the on-policy trainer."""
-        lg = self.logger
-        assert lg is not None
-        rets = [r for d in self.recent_ret for r in d]
-        if rets:
-            lg.scalar("rollout/ep_rew_mean", float(np.mean(rets)), step)
-            lg.per_task("rollout", "ep_return",
-                        [np.mean(d) if d else math.nan for d in self.recent_ret], step)
-            if self.suite.kind != "dmc":
-                lg.scalar("rollout/success_rate", float(np.mean([s for d in self.recent_succ for s in d])), step)
-        now = time.time()
-        t_prev, s_prev, u_prev = self._t_log
-        dt = max(now - t_prev, 1e-9)
-        lg.scalar("time/fps", (self.env_steps - s_prev) / dt, step)
-        lg.scalar("time/updates_per_s", (self.updates - u_prev) / dt, step)
-        if self.replay is not None:
-            lg.scalar("time/replay_size", len(self.replay), step)
-        lg.scalar("workers/restarts", self.worker_restarts, step)
-        self._t_log = (now, self.env_steps, self.updates)
-
-    def _log_grad(self, info: Dict[str, Any]) -> None:
-        """Gradient-conflict diagnostics, when the method formed a Gramian (Jacobian methods)."""
-        lg, step = self.logger, self.env_steps
-        assert lg is not None
-        for name in ("critic", "actor"):
-            diag = info.get(f"{name}_diag") or {}
-            gram = diag.get("gramian")
-            if gram is None:
-                continue
-            g = gram.detach().double().cpu()
-            norms = g.diagonal().clamp_min(0).sqrt()
-            cos = (g / (norms[:, None] * norms[None, :]).clamp_min(1e-30)).numpy()
-            iu = np.triu_indices(self.T, 1)
-            if len(iu[0]):
-                lg.scalar(f"grad/{name}/conflict_fraction", float((cos[iu] < 0).mean()), step)
-            lg.per_task("grad", f"{name}_norm", norms.numpy(), step)
-            lg.image(f"grad/{name}/cosine", cosine_image(cos), step)
-            if diag.get("weights") is not None:
-                lg.per_task("grad", f"{name}_weight", diag["weights"].detach().cpu().numpy(), step)
-
-    def _log_backbones(self) -> None:
-        """What each backbone has inside (expert load, gate entropy, mask density/overlap, Gram check...)."""
-        lg, step, T = self.logger, self.env_steps, self.T
-        assert lg is not None
-        for role, module in (("actor", self.agent.actor), ("critic", self.agent.critic)):
-            for mname, m in module.named_modules():
-                if m is module or not callable(getattr(m, "diagnostics", None)):
-                    continue
-                prefix = f"backbone/{role}.{mname}" if mname else f"backbone/{role}"
-                for key, value in m.diagnostics().items():  # device tensors (or host ints): read here, not in steps
-                    v = np.asarray(value.detach().cpu() if isinstance(value, torch.Tensor) else value, dtype=float)
-                    if v.ndim == 0:
-                        lg.scalar(f"{prefix}/{key}", float(v), step)
-                    elif v.ndim == 1 and len(v) == T:
-                        for task, x in zip(self.suite.task_names, v):
-                            lg.scalar(f"{prefix}/{key}/{task}", float(x), step)
-                    elif v.ndim == 1 and len(v) <= 64:  # e.g. expert load (E,)
-                        for j, x in enumerate(v):
-                            lg.scalar(f"{prefix}/{key}/{j}", float(x), step)
-                    elif v.ndim == 2 and v.shape[0] == T:  # task x task overlap, task x expert load
-                        lg.image(f"{prefix}/{key}", cosine_image(v / max(1e-12, float(np.abs(v).max()))), step)
-
-    # --- evaluation and checkpoints -------------------------------------------------------------------------
-    def evaluate(self, final: bool) -> Dict[str, Any]:
-        """Evaluate the learner's current policy. The workers evaluate it on their evaluation envs without taking
-        it as their collection policy, so an evaluation changes nothing in the run (collection keeps its weight-sync
-        schedule)."""
-        assert self.pool is not None and self.logger is not None
-        weights = self.agent.policy_state()
-        t0 = time.time()
-        per_task: Dict[int, Dict[str, float]] = {}
-        while len(per_task) < self.T:
-            got, failed = self.pool.evaluate(self.cfg.eval_episodes, eval_seed=self.cfg.seed + 10_000,
-                                             weights=weights)
-            per_task.update(got)
-            for i, err in failed.items():
-                self._worker_failed(i, err)
-        res = summarize(self.suite, per_task)
-        res.update({"env_steps": self.env_steps, "updates": self.updates, "eval_seconds": time.time() - t0,
-                    "task_steps": dict(zip(self.suite.task_names, self.task_steps.tolist())),
-                    "worker_restarts": self.worker_restarts, "nan_skipped": self.nan_skipped})
-        lg, step = self.logger, self.env_steps
-        lg.scalar("eval/success_rate", res["success_rate"], step)
-        lg.scalar("eval/return", res["return"], step)
-        for task, v in res["per_task"].items():
-            lg.scalar(f"eval/{task}/success_rate", v["success_rate"], step)
-            lg.scalar(f"eval/{task}/return", v["return"], step)
-        lg.flush()
-        self.history.append(res)
-        # Advanced here, not by the caller: an evaluation at the end of a run schedules the next one exactly as a
-        # mid-run evaluation would, so a resumed run keeps the uninterrupted run's schedule.
-        self.next_eval = self._next(self.env_steps, self.cfg.eval_every)
-        _write_json(self.run_dir / "results.json", {
-            "final": res if final else None, "history": self.history, "protocol": protocol(self.suite, self.cfg),
-            "config": to_dict(self.cfg)})
-        return res
-
-    def save_checkpoint(self) -> None:
-        self.check_nonfinite()  # a run that must stop for a non-finite loss stops before writing anything
-        self.next_ckpt = self._next(self.env_steps, self.cfg.checkpoint_every)
-        payload: Dict[str, Any] = {
-            "counters": {"env_steps": self.env_steps, "updates": self.updates, "episodes": self.episodes,
-                         "worker_restarts": self.worker_restarts, "nan_skipped": self.nan_skipped,
-                         "resumes": self.resumes, "next_eval": float(self.next_eval),
-                         "next_ckpt": float(self.next_ckpt)},
-            "task_steps": torch.from_numpy(self.task_steps.copy()),
-            "history": json.dumps(self.history, default=float),
-            "config": yaml.safe_dump(to_dict(self.cfg), sort_keys=False),
-            **self.learner.state_dict(save_replay=self.cfg.save_replay),
-        }
-        # The in-process worker's envs mid-episode, RNGs and policy: with the replay (off-policy) or on its own
-        # (on-policy, which has no replay), a resumed run collects exactly what the uninterrupted one would.
-        if self.cfg.save_replay or self.replay is None:
-            if self.cfg.workers == 0 and self.pool is not None and self.pool.workers:
-                try:
-                    payload["worker_state"] = self.pool.workers[0].get_state()
-                except Exception:  # a broken worker has no state worth keeping; resume rebuilds it
-                    pass
-        checkpoint.save(self.run_dir / checkpoint.CKPT_NAME, payload)
