@@ -179,3 +179,34 @@ def test_compile_auto_stays_eager_with_a_note_where_a_method_does_not_compile(ca
     assert ag.compile("auto") == "off"
     assert "method 'mgda'" in capsys.readouterr().err
     assert _sac(META).compile("auto") == "off"  # nothing to generate kernels for
+
+
+@pytest.mark.slow
+def test_two_compiled_agents_of_different_sizes_in_one_process(one_thread):
+    """Both agents' methods share one code object: each must get its own graph (a guard filter once made the
+    second agent run the first one's 3 x 8 graph on 3 x 400 weights)."""
+    for width in (8, 16):
+        torch.manual_seed(0)
+        eager = MTSAC(OBS, ACT, T, np.ones((T, ACT), np.float32), SACConfig(), backbone_kwargs={"width": width},
+                      device="cpu", seed=0)
+        torch.manual_seed(0)
+        comp = MTSAC(OBS, ACT, T, np.ones((T, ACT), np.float32), SACConfig(), backbone_kwargs={"width": width},
+                     device="cpu", seed=0)
+        comp.compile("default")
+        b = _batch("cpu")
+        torch.testing.assert_close(comp.update(b)["critic_losses"], eager.update(b)["critic_losses"])
+        assert comp._critic_grads.compiled is not None  # compiled, not fallen back to eager
+
+
+@pytest.mark.slow
+def test_compiled_ppo_minibatch_update_agrees_with_eager(one_thread):
+    torch.manual_seed(0)
+    eager = _ppo("cpu")
+    torch.manual_seed(0)
+    comp = _ppo("cpu")
+    assert comp.compile("default") == "default"
+    b = _batch("cpu", sac=False)
+    ie, ic = eager.update(b), comp.update(b)
+    torch.testing.assert_close(ic["actor_losses"], ie["actor_losses"], rtol=1e-4, atol=1e-5)
+    for a, c in zip(eager.actor.parameters(), comp.actor.parameters()):
+        torch.testing.assert_close(c, a, rtol=1e-4, atol=1e-5)
