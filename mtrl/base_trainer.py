@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import platform
 import signal
 import sys
 import time
@@ -22,7 +21,7 @@ import torch
 import yaml
 
 from agents.sac import NonFiniteLoss
-from envs import Suite, get_suite
+from envs import get_suite
 
 from . import checkpoint
 from .cluster import install_sigterm, start_ray
@@ -30,10 +29,11 @@ from .config import Config, to_dict
 from .devices import resolve_device
 from .evaluation import summarize
 from .learner import Learner
-from .logging import Logger, Progress, git_commit, log_backbones, log_gradients, versions
+from .logging import Logger, Progress, log_backbones, log_gradients, log_rollout_and_time
+from .rundir import _write_json, protocol, write_run_files
 from .rollout import RolloutWorker, WorkerPool, WorkerSpec, split_tasks
 
-__all__ = ["BaseTrainer", "NonFiniteError", "WorkerFailure", "default_run_dir", "protocol"]
+__all__ = ["BaseTrainer", "NonFiniteError", "WorkerFailure"]
 
 
 class NonFiniteError(RuntimeError):
@@ -42,33 +42,6 @@ class NonFiniteError(RuntimeError):
 
 class WorkerFailure(RuntimeError):
     """A rollout worker kept failing (e.g. an env that raises on every reset); the message names its tasks."""
-
-
-def default_run_dir(cfg: Config) -> Path:
-    suite = cfg.suite or "custom"
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    return Path("runs") / f"{suite}_{cfg.method}_{cfg.backbone}_s{cfg.seed}_{stamp}"
-
-
-def protocol(suite: Suite, cfg: Config) -> Dict[str, Any]:
-    from envs.make import REWARD_VERSION
-
-    p: Dict[str, Any] = {"suite": suite.name, "tasks": suite.task_names, "seed": cfg.seed,
-                         "eval_episodes_per_task": cfg.eval_episodes, "deterministic_eval": True,
-                         "horizon": {t.name: t.horizon for t in suite.tasks}, "step_axis": "env steps, all tasks"}
-    if suite.kind in ("metaworld", "mixed"):
-        p.update({"benchmark": "Meta-World v3", "reward_version": REWARD_VERSION, "goals_per_task": 50,
-                  "goal_resampling": "on reset", "success": "info['success'] ever 1 in the episode",
-                  "task_id": "index beside the observation (backbone decides: one-hot for mlp)"})
-    if suite.kind in ("dmc", "mixed"):
-        p.update({"benchmark_dmc": "dm_control suite, state observations, zero-padded", "dmc_metric": "return"})
-    return p
-
-
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=float))
-    os.replace(tmp, path)
 
 
 class BaseTrainer:
@@ -171,27 +144,19 @@ class BaseTrainer:
               f"({self.failures_in_a_row[i]}/{self.cfg.max_worker_restarts})", file=sys.stderr, flush=True)
         self.pool.replace(i, self._worker_spec(i, self.pool.specs[i].task_indices))
 
-    def _write_run_files(self) -> None:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
-        meta = {"versions": versions(), "git_commit": git_commit(), "protocol": protocol(self.suite, self.cfg),
-                "device": str(self.device), "learner": {"pid": os.getpid(), "host": platform.node()}}
-        _write_json(self.run_dir / "run_info.json", meta)
-        assert self.logger is not None
-        self.logger.text("config", "```\n" + yaml.safe_dump(to_dict(self.cfg), sort_keys=False) + "\n```")
-        self.logger.text("run_info", "```\n" + json.dumps(meta, indent=2) + "\n```")
-
     # --- the loop -------------------------------------------------------------------------------------------
     def start(self) -> None:
         """Run directory files, TensorBoard writer, workers (and Ray), first weight broadcast."""
         self.logger = Logger(self.run_dir, self.suite.task_names)
-        self._write_run_files()
+        compile_mode = self.learner.compile()  # the graphs are built at the first update (the time is printed)
+        write_run_files(self.run_dir, self.cfg, self.suite, self.logger,
+                        {"device": str(self.device), "compile": compile_mode,
+                         "replay": type(self.replay).__name__ if self.replay is not None else None})
         if self.cfg.workers > 0 and not self.cfg.address:
             # The local workers each hold `worker_cpus` cores; the learner takes what is left (at least one) —
             # on CUDA too, where its host-side work (dispatch, replay gathers) would otherwise contend with them.
             busy = math.ceil(self.cfg.workers * self.cfg.worker_cpus)
             torch.set_num_threads(max(1, (os.cpu_count() or 1) - busy))
-        self.learner.compile()  # the graphs are built at the first update (the time is printed)
         self.pool = self._make_pool()
         self.pool.broadcast(self.agent.policy_state())
         if self._worker_state is not None:
@@ -271,23 +236,11 @@ class BaseTrainer:
     # --- logging --------------------------------------------------------------------------------------------
     def _log_rollout_and_time(self, step: int) -> None:
         """rollout/* (last 10 episodes per task), time/*, workers/restarts; shared with the on-policy trainer."""
-        lg = self.logger
-        assert lg is not None
-        rets = [r for d in self.recent_ret for r in d]
-        if rets:
-            lg.scalar("rollout/ep_rew_mean", float(np.mean(rets)), step)
-            lg.per_task("rollout", "ep_return",
-                        [np.mean(d) if d else math.nan for d in self.recent_ret], step)
-            if self.suite.kind != "dmc":
-                lg.scalar("rollout/success_rate", float(np.mean([s for d in self.recent_succ for s in d])), step)
+        assert self.logger is not None
         now = time.time()
-        t_prev, s_prev, u_prev = self._t_log
-        dt = max(now - t_prev, 1e-9)
-        lg.scalar("time/fps", (self.env_steps - s_prev) / dt, step)
-        lg.scalar("time/updates_per_s", (self.updates - u_prev) / dt, step)
-        if self.replay is not None:
-            lg.scalar("time/replay_size", len(self.replay), step)
-        lg.scalar("workers/restarts", self.worker_restarts, step)
+        log_rollout_and_time(self.logger, step, self.recent_ret, self.recent_succ, self.suite.kind != "dmc",
+                             (now, self.env_steps, self.updates), self._t_log,
+                             None if self.replay is None else len(self.replay), self.worker_restarts)
         self._t_log = (now, self.env_steps, self.updates)
 
     def _log_grad(self, info: Dict[str, Any]) -> None:

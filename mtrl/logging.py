@@ -156,3 +156,22 @@ def log_backbones(lg: "Logger", step: int, roles: Dict[str, Any], task_names: Li
                         lg.scalar(f"{prefix}/{key}/{j}", float(x), step)
                 elif v.ndim == 2 and v.shape[0] == T:  # task x task overlap, task x expert load
                     lg.image(f"{prefix}/{key}", cosine_image(v / max(1e-12, float(np.abs(v).max()))), step)
+
+
+def log_rollout_and_time(lg: "Logger", step: int, recent_ret: List[Iterable[float]],
+                         recent_succ: List[Iterable[float]], with_success: bool, now: tuple, prev: tuple,
+                         replay_size: Optional[int], worker_restarts: int) -> None:
+    """rollout/* over the last episodes of each task, time/fps and time/updates_per_s since ``prev``
+    ((time, env steps, updates), like ``now``), time/replay_size, workers/restarts."""
+    rets = [r for d in recent_ret for r in d]
+    if rets:
+        lg.scalar("rollout/ep_rew_mean", float(np.mean(rets)), step)
+        lg.per_task("rollout", "ep_return", [np.mean(list(d)) if len(d) else math.nan for d in recent_ret], step)
+        if with_success:
+            lg.scalar("rollout/success_rate", float(np.mean([s for d in recent_succ for s in d])), step)
+    dt = max(now[0] - prev[0], 1e-9)
+    lg.scalar("time/fps", (now[1] - prev[1]) / dt, step)
+    lg.scalar("time/updates_per_s", (now[2] - prev[2]) / dt, step)
+    if replay_size is not None:
+        lg.scalar("time/replay_size", replay_size, step)
+    lg.scalar("workers/restarts", worker_restarts, step)

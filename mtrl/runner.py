@@ -11,11 +11,12 @@ from __future__ import annotations
 
 from typing import Any, Dict, Optional
 
-from .base_trainer import BaseTrainer, NonFiniteError, WorkerFailure, _write_json, default_run_dir, protocol
+from .base_trainer import BaseTrainer, NonFiniteError, WorkerFailure
 from .cluster import train_placed
 from .devices import resolve_device
 from .logging import Progress
 from .rollout import WorkerError
+from .rundir import _write_json, default_run_dir, protocol
 
 # What scripts/train.py and mtrl/stl.py import from here.
 __all__ = ["Trainer", "NonFiniteError", "WorkerFailure", "default_run_dir", "protocol", "_write_json",

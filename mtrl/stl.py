@@ -153,7 +153,7 @@ def run_stl(cfg, run_dir: Path) -> Dict[str, Any]:
     from .config import to_dict
     from .evaluation import summarize
     from .logging import Logger, git_commit, versions
-    from .runner import _write_json, protocol
+    from .rundir import _write_json, protocol
 
     run_dir = Path(run_dir)
     suite = get_suite(cfg.suite, cfg.tasks or None)

@@ -115,7 +115,7 @@ def test_interrupted_and_resumed_run_is_bit_identical_with_in_process_worker(tmp
     assert torch.equal(a["replay"]["obs"], b["replay"]["obs"])  # the same data was collected after the resume
 
 
-@pytest.mark.parametrize("every", ["0", "900"])
+@pytest.mark.parametrize("every", ["0", pytest.param("900", marks=pytest.mark.slow)])
 def test_taking_a_checkpoint_changes_nothing_in_the_run(tmp_path, every):
     """The same command ends in the same parameters whatever --checkpoint-every is, and a run stopped at 1200 and
     resumed to 2400 ends where an uninterrupted 2400-step run that never checkpointed ends (issue 11)."""
