@@ -34,7 +34,7 @@ def why_not_compiled(methods: Iterable[Any], modules: Iterable[nn.Module]) -> Op
         if not getattr(m, "compilable", False):
             return f"method {m.name!r}"
     for mod in modules:
-        for name, sub in mod.named_modules():
+        for sub in mod.modules():
             if callable(getattr(sub, "after_step", None)):
                 return f"backbone module {type(sub).__name__!r} (after_step hook)"
     return None

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 FUSED_DEVICES = ("cpu", "cuda")  # fused Adam kernels exist there; elsewhere (meta in the tests) foreach Adam
 
@@ -83,27 +83,17 @@ def fused_adam_step(opt: torch.optim.Optimizer, found_inf: Tensor) -> None:
     kernel (skipping where ``found_inf``), step counts − found_inf — without its Python (hooks, profiler ranges,
     per-call grouping of the tensors: ~0.4 ms a call, more than the kernel at MT-SAC sizes). The first step, and
     any step whose parameters lack state (a fresh or reset optimizer), go through ``opt.step()`` itself."""
-    params, grads, avgs, sqs, steps = [], [], [], [], []
-    for group in opt.param_groups:
-        if group["amsgrad"] or group["maximize"] or group.get("decoupled_weight_decay") or len(opt.param_groups) > 1:
-            break
-        for p in group["params"]:
-            st = opt.state.get(p)
-            if p.grad is None:
-                continue
-            if not st:
-                params = []
-                break
-            params.append(p)
-            grads.append(p.grad)
-            avgs.append(st["exp_avg"])
-            sqs.append(st["exp_avg_sq"])
-            steps.append(st["step"])
-    if not params or len({(p.device, p.dtype) for p in params}) > 1:
+    g = opt.param_groups[0]
+    params = [p for p in g["params"] if p.grad is not None]
+    simple = (len(opt.param_groups) == 1 and not (g["amsgrad"] or g["maximize"] or g.get("decoupled_weight_decay"))
+              and all(opt.state.get(p) for p in params) and len({(p.device, p.dtype) for p in params}) == 1)
+    if not simple:
         opt.found_inf = found_inf
         opt.step()
         return
-    g = opt.param_groups[0]
+    states = [opt.state[p] for p in params]
+    grads = [p.grad for p in params]
+    avgs, sqs, steps = ([st[k] for st in states] for k in ("exp_avg", "exp_avg_sq", "step"))
     beta1, beta2 = g["betas"]
     torch._foreach_add_(steps, 1)
     torch._fused_adam_(params, grads, avgs, sqs, [], steps, amsgrad=False, lr=g["lr"], beta1=float(beta1),
@@ -115,41 +105,34 @@ def fused_adam_step(opt: torch.optim.Optimizer, found_inf: Tensor) -> None:
 class NonFiniteMonitor:
     """Device-side record of non-finite losses and gradients, read on the host only by :meth:`collect`.
 
-    For each optimised loss (critic, actor, alpha): how many steps were skipped, which tasks had a non-finite
-    loss at any of them, and whether one was skipped with finite losses (a non-finite combined gradient)."""
+    For each optimised loss (critic, actor, alpha): how many steps were skipped and which tasks had a non-finite
+    loss at any of them (none: the combined gradient was non-finite with finite losses)."""
 
-    def __init__(self, num_tasks: int, device: torch.device) -> None:
-        self.num_tasks, self.device = num_tasks, device
-        self._state: Dict[str, Tuple[Tensor, Tensor, Tensor]] = {}
+    def __init__(self) -> None:
+        self._state: Dict[str, Tuple[Tensor, Tensor]] = {}
 
     def record(self, name: str, losses: Tensor, grad_ok: Optional[Tensor] = None) -> Tensor:
         """Note one step's per-task ``losses`` (T,) and gradient finiteness; return ``ok`` (0-d bool)."""
         finite = torch.isfinite(losses.detach())
         ok = finite.all() if grad_ok is None else finite.all() & grad_ok
         if name not in self._state:
-            z = torch.zeros((), dtype=torch.int64, device=losses.device)
-            self._state[name] = (z, torch.zeros(losses.shape, dtype=torch.bool, device=losses.device),
-                                 torch.zeros((), dtype=torch.bool, device=losses.device))
-        count, tasks, grad_bad = self._state[name]
+            self._state[name] = (torch.zeros((), dtype=torch.int64, device=losses.device),
+                                 torch.zeros(losses.shape, dtype=torch.bool, device=losses.device))
+        count, tasks = self._state[name]
         count.add_((~ok).to(torch.int64))
         tasks.logical_or_(~finite)
-        grad_bad.logical_or_(~ok & finite.all())
         return ok
 
     def collect(self) -> List[Tuple[str, Optional[int], int]]:
         """[(loss name, first bad task index or None for the combined gradient, skipped steps)] since the last
         call, then reset. One host read per loss: call it every ``log_every`` updates, not per step."""
         out = []
-        for name, (count, tasks, grad_bad) in self._state.items():
+        for name, (count, tasks) in self._state.items():
             n = int(count)
             if n:
                 bad = torch.nonzero(tasks.cpu()).flatten().tolist()
                 out.append((name, bad[0] if bad else None, n))
                 count.zero_()
                 tasks.zero_()
-                grad_bad.zero_()
         return out
 
-
-def module_params(module: nn.Module) -> List[Tensor]:
-    return [p for p in module.parameters() if p.requires_grad]

@@ -207,7 +207,7 @@ def wire_methods(agent: Any, num_tasks: int, method: str, method_kwargs: Optiona
         if callable(getattr(m, "set_generator", None)):
             m.set_generator(agent.generator)  # PCGrad's task orders come from the update's own stream
     agent.grads = {"critic": FlatGrads(agent.critic.parameters()), "actor": FlatGrads(agent.actor.parameters())}
-    agent.monitor = NonFiniteMonitor(num_tasks, agent.device)
+    agent.monitor = NonFiniteMonitor()
     agent.restore_note: Optional[str] = None  # set by load_state_dict when an RNG stream had to be re-derived
     agent.num_updates = 0
 
