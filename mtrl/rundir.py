@@ -18,10 +18,19 @@ from .config import Config, to_dict
 from .logging import Logger, git_commit, versions
 
 
+def _slug(name: str) -> str:
+    """A name fit for a directory: a plugin reference (``path/x.py:Class``) by its class, a task list
+    (``gym:A-v1,B-v0``) without separators."""
+    if ":" in name and not name.startswith(("gym:", "dmc:")):
+        name = name.rpartition(":")[2]
+    name = "".join(c if c.isalnum() or c in "-." else "-" for c in name)
+    return name[:60]
+
+
 def default_run_dir(cfg: Config) -> Path:
     suite = cfg.suite or "custom"
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    return Path("runs") / f"{suite}_{cfg.method}_{cfg.backbone}_s{cfg.seed}_{stamp}"
+    return Path("runs") / f"{_slug(suite)}_{_slug(cfg.preset or cfg.method)}_{_slug(cfg.backbone)}_s{cfg.seed}_{stamp}"
 
 
 def protocol(suite: Suite, cfg: Config) -> Dict[str, Any]:

@@ -6,7 +6,14 @@ from typing import List
 
 from mtrl.registry import Registry
 
-METHODS = Registry("method")
+def _base() -> type:
+    from .base import Method
+
+    return Method
+
+
+# Plugins (README "Extending"): `module:Class`, `file.py:Class`, or entry points of the group "mtrl.methods".
+METHODS = Registry("method", base=_base, group="mtrl.methods")
 register = METHODS.register
 
 

@@ -10,7 +10,9 @@ from torch import nn
 
 from mtrl.registry import Registry
 
-BACKBONES = Registry("backbone")
+# Plugins (README "Extending"): `module:Class`, `file.py:Class`, or entry points of the group "mtrl.backbones";
+# any nn.Module with this constructor and forward.
+BACKBONES = Registry("backbone", base=lambda: nn.Module, group="mtrl.backbones")
 
 
 def register(name: str):
