@@ -33,6 +33,11 @@ OPTS = {
     "care": dict(width=8, depth=2, encoder_dim=4, context_dim=4, tasks="reach-v3,push-v3,pick-place-v3"),
     "moore": dict(width=8, depth=2, n_experts=2),
     "paco": dict(width=8, depth=2, num_param_sets=2),
+    # issue 14
+    "mmoe": dict(width=8, num_experts=3, exclusivity=0.4),
+    "dselect": dict(width=8, num_experts=3, top_k=2),  # not a power of two: the extra penalty term runs too
+    "home": dict(width=8, lora_rank=2, num_groups=2),
+    "cotasp": dict(width=8, depth=2, embedding="random"),
 }
 UPDATES = 4
 
