@@ -106,7 +106,7 @@ def test_chunked_equals_unchunked(kw):
     torch.testing.assert_close(chunked.losses, full.losses)
 
 
-def test_task_specific_get_mean_loss_gradient():
+def test_task_specific_get_the_combined_loss_gradient():
     net, loss_fn, batch, ids = mlp_problem()
     params = dict(net.named_parameters())
     res = engine.compute_jacobian(loss_fn, params, batch, ids, task_specific={"heads"})
@@ -116,10 +116,17 @@ def test_task_specific_get_mean_loss_gradient():
 
     ref = torch.autograd.grad(task_losses(loss_fn, params, batch, ids).mean(), params["heads"])[0]
     torch.testing.assert_close(res.task_specific_mean()["heads"], ref, atol=1e-6, rtol=1e-5)
-    # and a Jacobian method writes exactly that into heads.grad
+    # a Jacobian method without loss weights (graddrop) writes exactly that into heads.grad
     net.zero_grad(set_to_none=True)
-    get_method("pcgrad", 5).backward(loss_fn, params, batch, ids, task_specific={"heads"})
+    get_method("graddrop", 5).backward(loss_fn, params, batch, ids, task_specific={"heads"})
     torch.testing.assert_close(params["heads"].grad, ref, atol=1e-6, rtol=1e-5)
+    # a Gramian method: the gradient of sum_i w_i L_i with the weights of its shared update
+    net.zero_grad(set_to_none=True)
+    out = get_method("pcgrad", 5).backward(loss_fn, params, batch, ids, task_specific={"heads"})
+    w = out["weights"]
+    assert not torch.allclose(w, torch.full_like(w, 1 / 5))  # a case with conflicts, so the test can tell
+    ref_w = torch.autograd.grad((w * task_losses(loss_fn, params, batch, ids)).sum(), params["heads"])[0]
+    torch.testing.assert_close(params["heads"].grad, ref_w, atol=1e-6, rtol=1e-5)
 
 
 def test_write_back_sets_then_accumulates():

@@ -180,12 +180,13 @@ def test_cagrad_exact_solver_never_worse_than_slsqp():
 
 
 def test_nash_solves_bargaining_equation():
-    for j in matrices(True):
-        g = j.double() @ j.double().T
-        alpha, ok = solvers.nash_weights(g)
-        gn = (g / g.norm()).numpy()
-        assert ok and np.all(alpha > 0)
-        np.testing.assert_allclose(gn @ alpha, 1 / alpha, rtol=1e-6)
+    # the paper's Alg. 1 (and the official code's constraint alpha_i (G alpha)_i >= 1): the RAW Gramian, at any scale
+    for scale in (1e-2, 1.0):
+        for j in matrices(True):
+            g = (scale * j.double()) @ (scale * j.double()).T
+            alpha, ok = solvers.nash_weights(g)
+            assert ok and np.all(alpha > 0)
+            np.testing.assert_allclose(g.numpy() @ alpha, 1 / alpha, rtol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------------ exact values
@@ -195,10 +196,11 @@ GOLDEN = {
     "mgda": [0.0, 1.0, 1.0],
     "upgrad": [10 / 9 * -4 + 15 / 19 * 6, 10 / 9 + 15 / 19, 10 / 9 + 15 / 19],  # w = [10/9, 15/19]
     "dualproj": [11 / 18 * -4 + 0.5 * 6, 11 / 18 + 0.5, 11 / 18 + 0.5],  # w = [11/18, 1/2]
-    "pcgrad": [20 / 9 * -4 + 30 / 19 * 6, 20 / 9 + 30 / 19, 20 / 9 + 30 / 19],  # = 2 x UPGrad for two rows
-    "gradvac": [20 / 9 * -4 + 30 / 19 * 6, 20 / 9 + 30 / 19, 20 / 9 + 30 / 19],  # first call = PCGrad
+    # PCGrad's sum (torchjd: 2 x UPGrad for two rows) / T: our mean
+    "pcgrad": [10 / 9 * -4 + 15 / 19 * 6, 10 / 9 + 15 / 19, 10 / 9 + 15 / 19],
+    "gradvac": [10 / 9 * -4 + 15 / 19 * 6, 10 / 9 + 15 / 19, 10 / 9 + 15 / 19],  # first call = PCGrad
     "imtl": [0.0767, 1.0, 1.0],
-    "config": [0.1588, 2.0706, 2.0706],
+    "config": [0.1588 / 2, 2.0706 / 2, 2.0706 / 2],  # torchjd's (sum of projections) / T
     "nashmtl": [0.0542, 0.7061, 0.7061],
     "alignedmtl": [2 * 0.2133, 2 * 0.9673, 2 * 0.9673],  # torchjd x T (the official sum)
 }
@@ -232,17 +234,17 @@ def test_cagrad_golden_values():
 def test_graddrop_matches_torchjd_seeded():
     torch.manual_seed(0)
     d = get_method("graddrop", 2)(J_BASE)
-    torch.testing.assert_close(d, torch.tensor([6.0, 2.0, 2.0]))
+    torch.testing.assert_close(d, torch.tensor([6.0, 2.0, 2.0]) / 2)  # torchjd's sum / T
 
 
 def test_three_task_orthogonal_case():
     j = torch.diag(torch.tensor([1.0, 2.0, 3.0]))
     n = torch.tensor([1.0, 2.0, 3.0])
     expect = {
-        "upgrad": j.mean(0), "dualproj": j.mean(0), "pcgrad": j.sum(0), "gradvac": j.sum(0),
+        "upgrad": j.mean(0), "dualproj": j.mean(0), "pcgrad": j.mean(0), "gradvac": j.mean(0),
         "mgda": (1 / n**2) / (1 / n**2).sum() * n,  # min-norm point: w proportional to 1/|g|^2
         "imtl": (1 / n) / (1 / n).sum() * n,  # equal projections: w proportional to 1/|g|
-        "config": torch.full((3,), 2.0),  # (sum |g_i| / sqrt 3) * (1,1,1)/sqrt 3
+        "config": torch.full((3,), 2.0 / 3),  # (mean |g_i| / sqrt 3) * (1,1,1)/sqrt 3
         "alignedmtl": torch.ones(3),  # lambda_min = 1: sum of unit vectors
         "nashmtl": torch.ones(3) / 3**0.5,  # sum of unit vectors, clipped to norm 1
         "cagrad": j.mean(0),  # nothing conflicts: c=0.5 moves toward the worst task... checked below
@@ -258,7 +260,7 @@ def test_pcgrad_three_tasks_single_conflict():
     j = torch.tensor([[1.0, 0.0, 0.0], [-1.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
     for seed in range(3):
         torch.manual_seed(seed)
-        torch.testing.assert_close(get_method("pcgrad", 3)(j), torch.tensor([0.5, 1.5, 1.0]))
+        torch.testing.assert_close(get_method("pcgrad", 3)(j), torch.tensor([0.5, 1.5, 1.0]) / 3)
 
 
 def test_gcond_critical_conflict_projects_loser_only():
@@ -268,15 +270,15 @@ def test_gcond_critical_conflict_projects_loser_only():
     # cos < -0.8 (critical): angle pi, winner untouched (sin pi = 0), loser fully projected.
     # Winner by strength: |g2| / EMA|g2| > |g1| / EMA|g1| (no history, no previous gradients).
     g1_proj = g1 - (g1 @ g2) / (g2 @ g2) * g2
-    torch.testing.assert_close(d, g2 + g1_proj, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(d, (g2 + g1_proj) / 2, atol=1e-6, rtol=1e-5)
 
 
-def test_gcond_no_conflict_is_sum_and_momentum_is_bias_corrected():
+def test_gcond_no_conflict_is_mean_and_momentum_is_bias_corrected():
     j = torch.tensor([[1.0, 0.0], [0.5, 2.0]])
-    m = get_method("gcond", 2)  # momentum 0.85, bias-corrected: the first output is the raw sum
-    torch.testing.assert_close(m(j), j.sum(0))
+    m = get_method("gcond", 2)  # momentum 0.85, bias-corrected: the first output is the raw mean
+    torch.testing.assert_close(m(j), j.mean(0))
     out2 = m(2 * j)
-    expect = (0.85 * 0.15 * j.sum(0) + 0.15 * 2 * j.sum(0)) / (1 - 0.85**2)
+    expect = (0.85 * 0.15 * j.mean(0) + 0.15 * 2 * j.mean(0)) / (1 - 0.85**2)
     torch.testing.assert_close(out2, expect)
 
 
@@ -310,7 +312,7 @@ def test_graddrop_equals_torchjd_on_random_matrices():
         ours = get_method("graddrop", j.shape[0], leak=leak.tolist())(j)
         torch.manual_seed(11)
         ref = GradDrop(leak=leak)(j)
-        torch.testing.assert_close(ours, ref)
+        torch.testing.assert_close(ours * j.shape[0], ref)  # torchjd sums, ours is the mean
 
 
 @pytest.mark.parametrize("case", ["duplicate", "zero", "opposite", "few-params"])
@@ -388,7 +390,7 @@ def _gcond_reference(jacobians, thresholds=(-0.8, -0.5, 0.0), power=2.0, ema_bet
             aw = -math.sin(al) * dot / (float(g[lose] @ g[lose]) + eps)
             a_l = -math.sin(min(al, math.pi / 2)) * dot / (float(g[win] @ g[win]) + eps)
             g[win], g[lose] = g[win] + aw * g[lose], g[lose] + a_l * g[win]
-        outs.append(sum(g))
+        outs.append(sum(g) / t)  # the reference sums; ours is the mean
         prev = g
     return outs
 

@@ -19,8 +19,9 @@ Three families share the ``Method`` contract (``backward(loss_fn, params, batch,
 * :class:`GramianMethod` -- a Jacobian method whose aggregation is ``d = w^T J`` with ``w = weights(J J^T)``.
 
 ``task_specific`` (a set of parameter names) marks parameters that only one task's loss touches (heads, per-task
-embeddings): Jacobian methods give them the gradient of the MEAN task loss, i.e. what ordinary autograd of the
-averaged loss gives. Options are keyword arguments; an unknown option or a bad value raises ``ValueError`` with a
+embeddings): a Gramian method gives them the gradient of the loss its weights combine, ``sum_i w_i L_i`` (the
+same objective as its shared update; ``GramianMethod.task_specific_weights``), other Jacobian methods the gradient
+of the MEAN task loss, i.e. what ordinary autograd of the averaged loss gives. Options are keyword arguments; an unknown option or a bad value raises ``ValueError`` with a
 one-line message naming the bad value and the valid choices.
 """
 
@@ -238,6 +239,12 @@ class JacobianMethod(Method):
         """(T, P) Jacobian and its (T, T) Gramian -> (P-vector, extra diagnostics)."""
         raise NotImplementedError
 
+    def combined_loss_weights(self, info: Dict[str, Any]) -> Optional[Tensor]:
+        """Given ``aggregate``'s diagnostics, the (T,) weights w of the loss sum_i w_i L_i whose gradient the
+        task-specific parameters get (wrappers use it); None: the mean loss."""
+        del info
+        return None
+
 
 class GramianMethod(JacobianMethod):
     """``d = w^T J`` with ``w = self.weights(G)``.
@@ -267,8 +274,16 @@ class GramianMethod(JacobianMethod):
         self._check_num_tasks(res.num_tasks)
         w = self.gramian_weights(res.gramian)
         engine.write_combined(params, res.shared_names, res.blocks, w)
-        engine.write_task_specific(params, res.task_specific_mean(), fresh=True)
+        engine.write_task_specific(params, res.task_specific_combined(self.task_specific_weights(w)), fresh=True)
         return {"losses": res.losses, "gramian": res.gramian, "weights": w.to(torch.float32)}
+
+    def combined_loss_weights(self, info: Dict[str, Any]) -> Optional[Tensor]:
+        return self.task_specific_weights(info["weights"])
+
+    def task_specific_weights(self, weights: Tensor) -> Tensor:
+        """Weights of the loss whose gradient the task-specific parameters get: by default the shared update's
+        (d = sum_i w_i g_i, so heads and trunk follow one combined loss sum_i w_i L_i)."""
+        return weights
 
     def aggregate(self, jacobian: Tensor, gramian: Tensor) -> Tuple[Tensor, Dict[str, Any]]:
         from . import engine

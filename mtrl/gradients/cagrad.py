@@ -13,8 +13,10 @@ Reference followed: official Cranial-XIX/CAGrad (``nyuv2/utils.py::cagrad`` rule
 the RL scale: mean gradient, /(1 + c^2), no x T). Solver (``solver`` option): "exact" (default) -- our active-set
 projected-Newton method on the simplex in float64 (``solvers._cagrad_active_set``), which reaches the optimum
 (tested never worse than SLSQP, ~10x faster at T = 50); "slsqp" -- scipy SLSQP as the official supervised code
-(needs scipy); "sgd" -- the MTRL reference's 20 momentum-SGD steps on softmax logits (lr 25, or 50 when T = 50),
-inexact but what the paper's RL numbers used. No cvxpy (torchjd's CAGrad needs cvxpy + clarabel). The CAGrad-Fast
+(needs scipy); "sgd" -- the MTRL reference's ``cagrad`` as it runs (``solvers._cagrad_sgd``): G normalised by
+(mean_i sqrt(G_ii + 1e-4))^2, 20 momentum-SGD steps on softmax logits (lr 25, or 50 when T = 50), its 1e-4 terms in
+|g0|, |g_w| and lambda; inexact, but what the paper's RL numbers used (tested equal to a transcription of the
+reference's arithmetic at a 100x norm spread). No cvxpy (torchjd's CAGrad needs cvxpy + clarabel). The CAGrad-Fast
 task-subsampling variant is not implemented.
 """
 

@@ -2,7 +2,8 @@
 Training of Physics Informed Neural Networks", ICLR 2025.
 
 Update rule: u_i = g_i / |g_i|; g_u = unit(pinv(U) 1) (the direction with EQUAL cosine to every task gradient);
-d = (sum_i g_i . g_u) g_u (length = the sum of the projections: sum-like scale). Non-conflicting in the sense that
+d = (sum_i g_i . g_u) g_u in the paper (length = the sum of the projections); here divided by T, the MEAN
+projection (as our ``pcgrad``: identical rows give that row, like ``mtsac``). Non-conflicting in the sense that
 all cosines are equal and positive when the unit gradients are independent; permutation invariant, linear under
 scaling (JD paper tests).
 
@@ -10,8 +11,9 @@ Reference followed: official tum-pbs/ConFIG ``ConFIG_update`` (EqualWeight, Proj
 Departure (numerics only): instead of a least-squares / pinv of the T x P matrix U, we use the identity
 pinv(U) = U^T pinv(U U^T) and compute everything from the Gramian in float64 on its device (``config_weights``:
 the math of ``solvers.config_weights`` with the zero-gradient rows masked out instead of sliced, so no host sync), so
-d = J^T w; identical results (tested against torchjd's ``ConFIG`` to 1e-4) without an SVD of a T x P matrix. The
-momentum variant M-ConFIG (one loss back-propagated per step) is not implemented.
+d = J^T w; identical results (tested against torchjd's ``ConFIG`` to 1e-4) without an SVD of a T x P matrix.
+Departures: the mean projection length instead of the sum (task-specific parameters get w_k grad L_k with the same
+weights); the momentum variant M-ConFIG (one loss back-propagated per step) is not implemented.
 """
 
 from __future__ import annotations
@@ -48,4 +50,4 @@ class ConFIG(GramianMethod):
     name = "config"
 
     def weights(self, gramian: Tensor) -> Tensor:
-        return config_weights(gramian)
+        return config_weights(gramian) / gramian.shape[0]

@@ -6,8 +6,9 @@ Each task's loss depends only on its own slice of the (T, B, ...) batch, so
 
 returns all T gradients (and losses) at about the cost of one ordinary backward (design.md §4). The shared
 parameters' gradients are flattened into the rows of J (T x P); task-specific parameters (``task_specific``: a set
-of names) keep their per-task gradients apart and get the gradient of the MEAN task loss (sum of per-task grads /
-T), which is what autograd of ``losses.mean()`` gives.
+of names) keep their per-task gradients apart; they get the gradient of the loss the method combines: ``sum_i w_i
+L_i`` for a weighting (Gramian) method (``task_specific_combined``), else of the MEAN task loss (sum of per-task
+grads / T), which is what autograd of ``losses.mean()`` gives.
 
 Memory: the per-task gradients are T*P floats (plus activations); past ``memory_budget`` bytes (default 1 GiB) the
 task axis is processed in chunks, each copied into per-parameter (T, ...) buffers. Gramian methods never form the
@@ -108,6 +109,18 @@ class JacobianResult:
     def task_specific_mean(self) -> Dict[str, Tensor]:
         """Gradient of the mean task loss for every task-specific parameter."""
         return {n: g.mean(dim=0) for n, g in self.task_specific_jacobian.items()}
+
+    def task_specific_combined(self, weights: Optional[Tensor] = None) -> Dict[str, Tensor]:
+        """Gradient of ``sum_i w_i L_i`` for every task-specific parameter: the loss whose shared-parameter
+        gradient a weighting method writes, so heads and trunk see one objective (None: the mean loss)."""
+        if weights is None:
+            return self.task_specific_mean()
+        out = {}
+        with full_precision():
+            for n, g in self.task_specific_jacobian.items():
+                w = weights.detach().to(device=g.device, dtype=g.dtype)
+                out[n] = (w @ g.reshape(g.shape[0], -1)).reshape(g.shape[1:])
+        return out
 
 
 def _slice_tree(tree: Any, start: int, stop: int) -> Any:

@@ -6,7 +6,8 @@ Update rule (sharpness-aware per task): g_i = per-task gradient at theta; eps_i 
 and the task-specific part normalised separately; ``adaptive`` = ASAM: eps_i = rho theta^2 g_i / |theta g_i|);
 g_i^SAM = per-task gradient at theta + eps_i; h_i = g_i^SAM - g_i; shared update d = A({g_i}) + A({h_i}) with A the
 ``base`` aggregator (two separate instances, so a stateful base keeps one state per stream); task-specific
-parameters get the mean over tasks of their SAM gradients. Scale: that of the base.
+parameters get their SAM gradients combined with the g-stream base's loss weights (a Gramian base; else their
+mean over tasks). Scale: that of the base.
 
 Reference followed: official VietHoang1512/FS-MTL ``city2scape/train.py`` (stage 1 / stage 2, ``--method pcgrad``
 etc.: A applied to g and to h separately and summed). Implementation: both passes are vmapped -- one Jacobian at
@@ -77,7 +78,7 @@ class FSMTL(Method):
         d_g, info = self.base_g.aggregate(res.jacobian, res.gramian)
         d_h, _ = self.base_h.aggregate(h, engine.gramian(h))
         engine.write_back(params, shared, d_g + d_h)
-        engine.write_task_specific(params, sam.task_specific_mean())
+        engine.write_task_specific(params, sam.task_specific_combined(self.base_g.combined_loss_weights(info)))
         return {"losses": res.losses, "gramian": res.gramian, "sam_losses": sam.losses, **info}
 
     def state_dict(self) -> Dict[str, Any]:

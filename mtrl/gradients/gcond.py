@@ -8,7 +8,8 @@ threshold (0); an arbitrator picks winner/loser -- a task that won the last ``do
 the larger score 0.8 max(0, cos(g, g_prev)) + 0.2 (|g| / EMA|g|, normalised over the pair) wins; the cosine is mapped
 to an angle a in [0, pi] through the thresholds (-0.8, -0.5, 0) with ``remap_power`` 2; then simultaneously
 g_w -= sin(a) (g_w.g_l / |g_l|^2) g_l and g_l -= sin(min(a, pi/2)) (g_w.g_l / |g_w|^2) g_w (a critical conflict
-fully projects the loser, leaves the winner); (3) d_raw = sum_i g_i (SUM); GCond's own momentum
+fully projects the loser, leaves the winner); (3) d_raw = sum_i g_i in the reference, here mean_i g_i (as our
+``pcgrad``: identical rows give that row, like ``mtsac``); GCond's own momentum
 m <- beta m + (1 - beta) d_raw, bias-corrected, is written to ``.grad`` (``momentum_beta`` 0 writes d_raw).
 
 Reference followed: official AlevLab-dev/GCond ``grad_conductor.py::GradientConductor`` (smooth logic, the code's
@@ -19,9 +20,10 @@ gradients P_prev = C_prev J_prev (state: J_prev, T x P floats, with C_prev and i
 (a) accumulation is the engine's full-batch per-task gradient (equal to the reference's "classic" accumulation of
 micro-batch gradients of that batch); the "stochastic accumulation" mode (each loss sees acc/T micro-batches) and
 bf16 accumulators are not reproduced;
-(b) the reference's absolute eps = 1e-8 in norms and denominators is made relative to the mean squared gradient norm
-(an absolute 1e-8 switches the surgery off for RL gradients with norms below 1e-4); (c) no Lion/LARS option, no DDP
-sync; (d) the official README advises optimizer beta1 = 0 since GCond has its own momentum -- the optimiser is the
+(b) the mean of the resolved gradients instead of their sum (task-specific parameters: the mean-loss gradient);
+(c) the reference's absolute eps = 1e-8 in norms and denominators is made relative to the mean squared gradient norm
+(an absolute 1e-8 switches the surgery off for RL gradients with norms below 1e-4); (d) no Lion/LARS option, no DDP
+sync; (e) the official README advises optimizer beta1 = 0 since GCond has its own momentum -- the optimiser is the
 runner's choice.
 """
 
@@ -156,7 +158,7 @@ class GCond(JacobianMethod):
             cw, cl = coef[winner].copy(), coef[loser].copy()
             coef[winner] = cw + a_w * cl
             coef[loser] = cl + a_l * cw
-        w = coef.sum(axis=0)
+        w = coef.sum(axis=0) / t
         d_raw = engine.combine(torch.from_numpy(w), jacobian)
         self._prev = jacobian.detach().clone()
         self._prev_coef = torch.from_numpy(coef.copy())

@@ -3,13 +3,16 @@ Gradient Sign Dropout", NeurIPS 2020.
 
 Update rule (Algorithm 1, lines 10-15), per coordinate k: purity P_k = 1/2 (1 + sum_i g_ik / sum_i |g_ik|); draw
 U_k ~ U(0, 1); keep task i's coordinate if (P_k > U_k and g_ik > 0) or (P_k < U_k and g_ik < 0), with a ``leak``
-l_i letting a fraction through: d_k = sum_i (l_i + (1 - l_i) M_ik) g_ik (SUM). Randomised (global torch RNG).
+l_i letting a fraction through: d_k = sum_i (l_i + (1 - l_i) M_ik) g_ik in the paper and torchjd; here divided by
+T (the MEAN of the kept gradients, as our ``pcgrad``: identical rows give that row, like ``mtsac``). Randomised.
 
 Reference followed: torchjd 0.18 ``GradDrop`` (f = identity; LibMTL default leak 0), vectorised over the task axis
 here (torchjd loops over the rows with full-length temporaries: 8x the MT-SAC update at T = 50); same random draw
 (one ``torch.rand(P)``), same result (tested against torchjd). Departure from the paper: the paper applies
 GradDrop to the gradients at a shared activation layer (summed over the batch); like torchjd, we apply it to the
-parameter gradients of the shared network (the engine's Jacobian), since MTRL critics have no separate encoder.
+parameter gradients of the shared network (the engine's Jacobian), since MTRL critics have no separate encoder;
+and the mean instead of the sum. Task-specific parameters get the mean-loss gradient: a coordinate only one task
+touches is always kept (purity 0 or 1), so that is what the rule applied to them would give.
 Not linear, not non-conflicting (JD paper Table 1). The thresholds U come from the method's generator
 (``set_generator``; None: the global RNG), drawn on J's device; no host synchronisation.
 """
@@ -64,4 +67,4 @@ class GradDrop(JacobianMethod):
         u = torch.rand(purity.shape, dtype=j.dtype, device=j.device, generator=self.generator)
         zero = torch.zeros((), dtype=j.dtype, device=j.device)
         kept = torch.where(purity > u, kept_pos, torch.where(purity < u, kept_neg, zero))
-        return leaked + kept, {}
+        return (leaked + kept) / j.shape[0], {}

@@ -8,8 +8,10 @@ w <- T w / sum(w). No full Jacobian: the per-task gradients of W alone come from
 losses restricted to W (``torch.autograd.grad(..., is_grads_batched=True)``), then one backward of the weighted loss.
 
 Reference followed: the paper's Algorithm 1 (L(0) = the losses of the first update; renormalisation) with LibMTL's
-alpha = 1.5 default. ``layer``: the parameter name(s) of W (default: the last shared parameter with >= 2 dims, the
-output layer of a fully shared MLP critic). Departures: the weights have their own Adam (``lr`` default 3e-4, the
+alpha = 1.5 default. ``layer``: the parameter name(s) of W. Default: the last shared parameter with >= 2 dims
+together with its namesakes in the sibling top-level modules -- for the SAC twin critic ``q2.<path>`` AND
+``q1.<path>`` (the two Q networks share no layer, so the last shared weight alone would be Q2's and GradNorm would
+ignore Q1's gradients), for the actor its one output layer; G_i is then the norm over all of them. Departures: the weights have their own Adam (``lr`` default 3e-4, the
 MT-SAC learning rate; the paper/LibMTL train them with the model's optimiser), and are clamped at 1e-6 before the
 renormalisation so none becomes negative.
 """
@@ -53,7 +55,11 @@ class GradNorm(Method):
             cands = [n for n in shared if params[n].dim() >= 2]
             if not cands:
                 raise ValueError("method 'gradnorm': no shared parameter with >= 2 dims; set option layer=<name>")
-            return [cands[-1]]
+            last = cands[-1]
+            if "." not in last:
+                return [last]
+            path = last.split(".", 1)[1]
+            return [n for n in cands if "." in n and n.split(".", 1)[1] == path]
         names = [layer] if isinstance(layer, str) else list(layer)
         bad = [n for n in names if n not in shared]
         if bad:

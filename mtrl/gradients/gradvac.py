@@ -3,8 +3,9 @@ Optimization in Massively Multilingual Models", ICLR 2021.
 
 Update rule: for each task i, g_i' <- g_i; for each j != i in a random order: phi = cos(g_i', g_j); if phi < phi_hat_ij
 (an EMA target): g_i' += |g_i'| (phi_hat sqrt(1 - phi^2) - phi sqrt(1 - phi_hat^2)) / (|g_j| sqrt(1 - phi_hat^2)) g_j;
-then phi_hat_ij <- (1 - beta) phi_hat_ij + beta phi. d = sum_i g_i' (SUM). With zero targets (first call) it is
-PCGrad for two tasks.
+then phi_hat_ij <- (1 - beta) phi_hat_ij + beta phi. The paper, LibMTL and torchjd sum: d = sum_i g_i'; here
+d = mean_i g_i' (as our ``pcgrad``: identical rows give that row, like ``mtsac``). With zero targets (first call) it
+is PCGrad for two tasks.
 
 Reference followed: torchjd 0.18 ``GradVacWeighting(beta, eps)`` (LibMTL's whole-model variant,
 ``GradVac_group_type=0``), its Gramian formulation reimplemented with device ops and vectorised over i
@@ -12,7 +13,8 @@ Reference followed: torchjd 0.18 ``GradVacWeighting(beta, eps)`` (LibMTL's whole
 target is touched once per call, so this equals the per-task loops given the same orders). The orders come from the
 method's generator (``set_generator``; None: torch's global RNG). State: the T x T EMA targets, kept on the
 Gramian's device (``state_dict`` copies them to the CPU). ``beta``: 0.5, the LibMTL/torchjd default. Departures:
-whole-model grouping only (no per-layer targets).
+the mean instead of the sum (above; task-specific parameters get w_k grad L_k with the same weights); whole-model
+grouping only (no per-layer targets).
 """
 
 from __future__ import annotations
@@ -71,7 +73,7 @@ class GradVac(GramianMethod):
         phi = phi.to(device=gramian.device, dtype=gramian.dtype)
         orders = random_orders(t, self.generator, gramian.device)
         w, self._phi = gradvac_weights(gramian, phi, orders, float(self.options["beta"]), float(self.options["eps"]))
-        return w
+        return w / t
 
     def reset(self) -> None:
         self._phi: Optional[Tensor] = None

@@ -7,11 +7,21 @@ bias-corrected m_hat, v_hat. If the gradients are dissimilar in magnitude (``con
 s_ij < gamma; ``"mean"``: the mean of s over pairs < gamma), equalise magnitudes:
 d = mean_i |g_i| sum_i g_i / |g_i|; else d = sum_i g_i * |m_hat_i| / sqrt(v_hat) (elementwise). SUM over tasks.
 
-Reference followed: the authors' Meta-World code ThomBors/samgs ``experiments/mtrl_methods/samgs.py`` (as it runs:
-b1 = b2 = gamma = 0.9 hard-coded, "any" condition, sum, no clipping). Its yaml lists beta2 = 0.99 (unused by the
-code); the supervised version (``methods/weight_methods.py::SAMGS``) uses the "mean" condition, multiplies d by T
-and clips the shared gradient norm to 1.0 -- available as ``condition="mean"``, ``scale=T``, ``max_norm=1.0``.
-State: the T x P momentum, v, the step count. Departures: none in the rule.
+Reference followed: the authors' Meta-World code ThomBors/samgs ``experiments/mtrl_methods/samgs.py`` (its
+settings: b1 = b2 = gamma = 0.9 hard-coded, "any" condition, sum, no clipping). Its yaml lists beta2 = 0.99 (unused
+by the code); the supervised version (``methods/weight_methods.py::SAMGS``) uses the "mean" condition, multiplies d
+by T and clips the shared gradient norm to 1.0 -- available as ``condition="mean"``, ``scale=T``, ``max_norm=1.0``.
+State: the T x P momentum, v, the step count -- one set per optimised loss (one instance each).
+
+Departures from that code as it runs (ours is the paper's rule; the reference's behaviour looks unintended):
+(a) its momentum m starts as a 1 x 1 zero that the first call pads with ONES to 1 x P, so m_i starts at (0, 1, 1,
+..., 1) for every task (ours: zero), and the first momentum-branch updates weight each coordinate by about
+|b1 + (1 - b1) g| instead of |g|; (b) the MTRL agent keeps ONE m, v and step count for every loss it routes through
+``_compute_gradient`` -- critic, actor and alpha -- truncating m or padding it with ones whenever the parameter count
+changes, so the actor's momentum starts from the critic's first columns, v mixes the similarities of all three losses,
+and the bias corrections count all their calls (ours: per loss, ``t`` = this loss's updates); (c) a zero task
+gradient makes the reference's similarities (two zeros) and equalised d NaN; ours: similarity 0 with a non-zero
+partner, 1 with a zero one, and weight 0 in the equalised d.
 """
 
 from __future__ import annotations

@@ -1,20 +1,24 @@
 """``nashmtl``: Nash-MTL — Navon et al., "Multi-Task Learning as a Bargaining Game", ICML 2022.
 
-Update rule: normalise G <- G / |G|_F; find alpha > 0 with G alpha = 1 / alpha (the Nash bargaining solution);
-d = J^T alpha (weights not normalised: sum-like scale); then, as the official code's
+Update rule (Alg. 1): find alpha > 0 with G alpha = 1 / alpha on the RAW Gramian G = J J^T (the Nash bargaining
+solution; then |J^T alpha|^2 = alpha^T G alpha = T); d = J^T alpha (the paper's own scale: |d| = sqrt(T) before
+the clip, whatever the gradients' size); then, as the official code's
 ``clip_grad_norm_(shared, max_norm=1.0)``, scale d down to norm ``max_norm`` (0 disables). With
 ``update_weights_every = k`` the weights are recomputed every k updates and reused in between; in between no
 Jacobian is formed: one backward of sum_i alpha_i L_i, as the official code (this is where Nash-MTL-50/-100 get their
 speed: paper Table 5, MT10).
 
-Reference followed: official AvivNavon/nash-mtl ``methods/weight_methods.py::NashMTL`` (normalisation, warm start
-from the previous alpha, clipping, update_weights_every) and torchjd's port (which rescales alpha so that
-|J^T alpha| <= max_norm: identical to clipping the shared gradient). Departure: how the equation is solved. The
+Reference followed: official AvivNavon/nash-mtl ``methods/weight_methods.py::NashMTL`` (warm start from the
+previous alpha, clipping, update_weights_every; its cvxpy problem divides G by |G|_F but multiplies the factor back
+in the constraint -log(alpha_i |G|_F) - log((G/|G|_F) alpha)_i <= 0, i.e. alpha_i (G alpha)_i >= 1 on the raw G)
+and torchjd's port (which rescales alpha so that |J^T alpha| <= max_norm: identical to clipping the shared
+gradient). Task-specific parameters get grad sum_i alpha_i L_i with the UNclipped alpha, as the official code
+(it back-propagates the weighted loss into everything, then clips the shared parameters only), on computed and
+on reuse steps alike. Departure: how the equation is solved. The
 reference runs <= 20 convex-concave (CCP) steps, each a cvxpy/ECOS problem (50-100 ms on a CPU); we solve it to
 convergence with Newton's method on the strictly convex f(b) = 1/2 b^T C b - sum log b in cosine coordinates
 (gradient C b - 1/b = 0 exactly at the solution; ``solvers.nash_weights``), < 1 ms for T = 50, no cvxpy. A 1e-8
 ridge keeps it bounded when the gradients are Pareto-stationary (where no solution exists). Non-conflicting.
-On a skipped step the task-specific parameters get the mean-loss gradient (a second backward when any exist).
 """
 
 from __future__ import annotations
@@ -61,6 +65,9 @@ class NashMTL(GramianMethod):
                 w = w * (max_norm / norm)
         return torch.from_numpy(w)
 
+    def task_specific_weights(self, weights: Tensor) -> Tensor:
+        return torch.from_numpy(self._alpha.copy()).to(weights.device)
+
     def backward(self, loss_fn: LossFn, params: Dict[str, Tensor], batch: Any, task_ids: Tensor, *,
                  task_specific: Optional[Set[str]] = None) -> Dict[str, Any]:
         if self._due():
@@ -70,20 +77,16 @@ class NashMTL(GramianMethod):
         losses = task_losses(loss_fn, params, batch, task_ids)
         self._check_num_tasks(losses.shape[0])
         alpha = torch.from_numpy(self._alpha).to(losses)
-        tensors = [params[n] for n in shared]
-        grads = torch.autograd.grad((alpha * losses).sum(), tensors, retain_graph=bool(ts), allow_unused=True)
-        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(tensors, grads)]
+        tensors = [params[n] for n in shared + ts]
+        all_grads = torch.autograd.grad((alpha * losses).sum(), tensors, allow_unused=True)
+        all_grads = [torch.zeros_like(p) if g is None else g for p, g in zip(tensors, all_grads)]
+        grads, ts_grads = all_grads[:len(shared)], all_grads[len(shared):]
         max_norm = float(self.options["max_norm"])
         if max_norm > 0:  # clip on the device: scale = min(1, max_norm / |g|), no host read of the norm
             norm = torch.sqrt(sum((g.double() ** 2).sum() for g in grads))
             scale = (max_norm / norm.clamp(min=max_norm)).to(grads[0].dtype) if grads else None
             grads = [g * scale for g in grads]
-        engine.write_task_specific(params, dict(zip(shared, grads)), fresh=True)
-        if ts:
-            ts_tensors = [params[n] for n in ts]
-            ts_grads = torch.autograd.grad(losses.mean(), ts_tensors, allow_unused=True)
-            engine.write_task_specific(
-                params, {n: (torch.zeros_like(p) if g is None else g) for n, p, g in zip(ts, ts_tensors, ts_grads)})
+        engine.write_task_specific(params, dict(zip(shared + ts, grads + ts_grads)), fresh=True)
         self._step += 1
         return {"losses": losses.detach(), "weights": alpha.detach().to(torch.float32)}
 

@@ -2,7 +2,7 @@
 
 Update rule (Algorithm 1): for every task i, g_i' <- g_i, then for every other task j in a fresh random order:
 if g_i' . g_j < 0, g_i' <- g_i' - (g_i' . g_j / |g_j|^2) g_j (projection against the ORIGINAL g_j);
-d = sum_i g_i' (SUM over tasks, as the official TF code, LibMTL and torchjd).
+d = sum_i g_i' in the paper, the official TF code, LibMTL and torchjd; here d = mean_i g_i' (scale, below).
 
 Reference followed: torchjd 0.18 ``PCGradWeighting`` (the rule on the Gramian: g_i' = sum_k C_ik g_k, so
 g_i' . g_j = (C G)_ij and d = w^T J with w the column sums of C). Implementation: the same computation vectorised
@@ -10,7 +10,13 @@ over i on the Gramian's device (``pcgrad_weights``): T - 1 steps, step k project
 task ``orders[i, k]`` at once (each row of C only depends on its own order, so this equals the per-task loops).
 The orders -- one uniformly random permutation of the other tasks per task -- are drawn on the device from the
 method's generator (``set_generator``; None: torch's global RNG), with no host synchronisation.
-Departures: none in the rule. (The official TF code's shuffle is a no-op, tianheyu927/PCGrad#3/#5; not copied.)
+Departure: the MEAN of the projected gradients instead of their sum, as the Meta-World+ reference PCGrad
+(rainx0r/metaworld-algorithms ``metaworld_algorithms/optim/pcgrad.py``: ``final_grads.mean(axis=0)``), so a
+Jacobian with identical rows gives that row, as ``mtsac`` does, and a gradient-norm clip means the same for both.
+Task-specific parameters (heads) get w_k grad L_k with the same weights (the reference flattens the heads into the
+projected vectors, which gives them this form too, but with projections computed on heads + trunk; ours on the
+shared parameters only). Otherwise the rule of the paper. (The official TF code's shuffle is a no-op,
+tianheyu927/PCGrad#3/#5; not copied.)
 The SAC use in the paper applies PCGrad to the critic and the actor losses separately: build one instance each.
 """
 
@@ -25,7 +31,8 @@ from .registry import register
 
 
 def pcgrad_weights(gramian: Tensor, orders: Tensor) -> Tensor:
-    """Algorithm 1 on the Gramian, all tasks at once: (T, T) Gramian, (T, T-1) orders -> (T,) weights."""
+    """Algorithm 1 on the Gramian, all tasks at once: (T, T) Gramian, (T, T-1) orders -> (T,) weights of the SUM
+    of the projected gradients (the paper's d)."""
     t = gramian.shape[0]
     rows = torch.arange(t, device=gramian.device)
     coef = torch.eye(t, dtype=gramian.dtype, device=gramian.device)  # g_i' = sum_k coef[i, k] g_k
@@ -44,5 +51,6 @@ class PCGrad(GramianMethod):
     name = "pcgrad"
 
     def weights(self, gramian: Tensor) -> Tensor:
-        orders = random_orders(gramian.shape[0], self.generator, gramian.device)
-        return pcgrad_weights(gramian, orders)
+        t = gramian.shape[0]
+        orders = random_orders(t, self.generator, gramian.device)
+        return pcgrad_weights(gramian, orders) / t

@@ -7,7 +7,8 @@ only, g^_i = [(L_i(theta + mu z_i) - L_i(theta - mu z_i)) / (2 mu)] z_i, z_i ~ N
 perturbation direction per shared tensor k: (1 - beta) g0_k + beta |g0_k| g^_ik / |g^_ik| (layer-wise: the ZO
 estimate is rescaled to the global gradient's layer norm), e_i = rho dir_i / |dir_i| (global norm); then the
 per-task gradients at theta + e_i (the task-specific parameters perturbed by rho g0_ts / |g0_ts|) are combined by
-the ``base`` aggregator; task-specific parameters get the mean of their perturbed gradients. Randomised (z).
+the ``base`` aggregator; task-specific parameters get their perturbed gradients combined with the base's loss
+weights (a Gramian base; else their mean). Randomised (z).
 
 Reference followed: official OptMN-Lab/SAMO ``experiments/quantum_chemistry/trainer_samo.py`` +
 ``utils.py::GradEstimator`` (layer-wise rescaling, one z per task, the + and - evaluations with the same noise).
@@ -110,7 +111,7 @@ class SAMO(Method):
                                       per_task_params=per_task, **self.base._engine_kwargs())
         vec, info = self.base.aggregate(sam.jacobian, sam.gramian)
         engine.write_back(params, shared, vec)
-        engine.write_task_specific(params, sam.task_specific_mean())
+        engine.write_task_specific(params, sam.task_specific_combined(self.base.combined_loss_weights(info)))
         return {"losses": losses.detach(), "gramian": sam.gramian, "sam_losses": sam.losses, **info}
 
     def state_dict(self) -> Dict[str, Any]:

@@ -227,9 +227,10 @@ def dualproj_weights(gramian: Tensor | np.ndarray) -> np.ndarray:
 
 def nash_weights(gramian: Tensor | np.ndarray, init: Optional[np.ndarray] = None, tol: float = 1e-10,
                  max_iter: int = 100, ridge: float = 1e-8) -> Tuple[np.ndarray, bool]:
-    """Nash-MTL: alpha > 0 with (G / s) alpha = 1 / alpha, s = |G|_F (Navon et al. 2022, Alg. 1).
+    """Nash-MTL: alpha > 0 with G alpha = 1 / alpha on the raw Gramian (Navon et al. 2022, Alg. 1; the official
+    code divides G by |G|_F for its solver but multiplies it back in the constraint alpha_i (G alpha)_i >= 1).
 
-    In cosine coordinates (G = D C D, D = diag |g_i|) put alpha = sqrt(s) b / |g|: the equation becomes C b = 1 / b,
+    In cosine coordinates (G = D C D, D = diag |g_i|) put alpha = b / |g|: the equation becomes C b = 1 / b,
     the stationarity condition of the strictly convex f(b) = 1/2 b^T C b - sum log b, minimised by damped Newton
     steps. ``init``: a previous alpha (warm start). Returns (alpha, converged). Zero gradients get weight 0.
     ``ridge`` (added to C) keeps f bounded below when the gradients are Pareto-stationary (no exact solution then;
@@ -241,13 +242,12 @@ def nash_weights(gramian: Tensor | np.ndarray, init: Optional[np.ndarray] = None
     alpha = np.zeros(t)
     if not nz.any():
         return alpha, True
-    s = float(np.linalg.norm(g))
     m = n[nz]
     k = int(nz.sum())
     cr = c + ridge * np.eye(k)
     b = np.ones(k)
     if init is not None and np.all(np.isfinite(init)) and np.all(np.asarray(init)[nz] > 0):
-        b = np.asarray(init, dtype=np.float64)[nz] * m / np.sqrt(s)
+        b = np.asarray(init, dtype=np.float64)[nz] * m
 
     def f(v: np.ndarray) -> float:
         return 0.5 * v @ cr @ v - np.log(v).sum()
@@ -270,7 +270,7 @@ def nash_weights(gramian: Tensor | np.ndarray, init: Optional[np.ndarray] = None
         while lr > 1e-12 and f(b + lr * step) > f0 + 1e-4 * lr * slope:
             lr *= 0.5
         b = b + lr * step
-    alpha[nz] = np.sqrt(s) * b / m
+    alpha[nz] = b / m
     return alpha, converged
 
 
@@ -279,10 +279,14 @@ def cagrad_weights(gramian: Tensor | np.ndarray, c: float, rescale: int = 1, sol
     """CAGrad (Liu et al. 2021): weights on the rows of J, and the inner simplex solution w.
 
     d = g0 + (c |g0| / |g_w|) g_w with w = argmin_{w in simplex} w^T G 1/T + c |g0| sqrt(w^T G w); then
-    rescale 0: d, 1: d / (1 + c^2), 2: d / (1 + c).
+    rescale 0: d, 1: d / (1 + c^2), 2: d / (1 + c). ``solver="sgd"`` reproduces the MTRL reference as it runs,
+    its normalisation and 1e-4 terms included (``_cagrad_sgd``).
     """
     g = _as_numpy(gramian)
     t = g.shape[0]
+    if solver == "sgd":
+        w = _cagrad_sgd(g, c, sgd_lr, sgd_steps)
+        return w[0] / _rescale(c, rescale), w[1]
     scale = float(np.mean(np.diag(g)))
     if scale <= 0 or c == 0:
         w = np.full(t, 1.0 / t)
@@ -306,8 +310,8 @@ def cagrad_weights(gramian: Tensor | np.ndarray, c: float, rescale: int = 1, sol
                        options={"ftol": 1e-12, "maxiter": 500})
         w = np.clip(res.x, 0.0, None)
         w = w / w.sum()
-    else:  # "sgd": the MTRL reference (Cranial-XIX/CAGrad mtrl_files/cagrad.py): 20 SGD steps on softmax logits
-        w = _cagrad_sgd(gs, c, sgd_lr, sgd_steps)
+    else:
+        raise ValueError(f"cagrad: solver={solver!r} is invalid; expected one of ['exact', 'slsqp', 'sgd']")
     gw_norm = float(np.sqrt(max(w @ gs @ w, 0.0)))
     lam = k / gw_norm if gw_norm > 1e-12 else 0.0
     weights = (np.full(t, 1.0 / t) + lam * w) / _rescale(c, rescale)
@@ -390,10 +394,15 @@ def _rescale(c: float, rescale: int) -> float:
     return {0: 1.0, 1: 1.0 + c**2, 2: 1.0 + c}[rescale]
 
 
-def _cagrad_sgd(gs: np.ndarray, c: float, lr: float, steps: int) -> np.ndarray:
-    """Softmax-parametrised momentum SGD of the MTRL CAGrad code (its 1e-4 regularisers kept)."""
-    t = gs.shape[0]
-    gg = torch.as_tensor(gs, dtype=torch.float64)
+def _cagrad_sgd(g: np.ndarray, c: float, lr: float, steps: int) -> Tuple[np.ndarray, np.ndarray]:
+    """CAGrad as the MTRL code runs it (Cranial-XIX/CAGrad ``mtrl/mtrl_files/cagrad.py::cagrad``), on the RAW
+    Gramian: G is divided by s^2 with s = mean_i sqrt(G_ii + 1e-4) (so the 1e-4 terms below are relative to that
+    scale); k = c sqrt(mean(G) + 1e-4); momentum-SGD (0.5) on softmax logits for ``steps`` steps, keeping the
+    iterate of the lowest objective w^T G 1/T + k sqrt(w^T G w + 1e-4); then lambda = k / (sqrt(w^T G w + 1e-4)
+    + 1e-4) and the row weights 1/T + lambda w (before the rescale). Returns (row weights, w)."""
+    t = g.shape[0]
+    s = float(np.mean(np.sqrt(np.diag(g) + 1e-4)))
+    gg = torch.as_tensor(g / s**2, dtype=torch.float64)
     g_mean = gg.mean(1, keepdim=True)
     cc = float(np.sqrt(float(g_mean.mean()) + 1e-4)) * c
     logits = torch.zeros(t, 1, dtype=torch.float64, requires_grad=True)
@@ -408,7 +417,9 @@ def _cagrad_sgd(gs: np.ndarray, c: float, lr: float, steps: int) -> np.ndarray:
         if i < steps:
             obj.backward()
             opt.step()
-    return torch.softmax(best, 0).view(-1).numpy()
+    w = torch.softmax(best, 0).view(-1).numpy()
+    gw_norm = float(np.sqrt(float(w @ gg.numpy() @ w) + 1e-4))
+    return np.full(t, 1.0 / t) + w * (cc / (gw_norm + 1e-4)), w
 
 
 def config_weights(gramian: Tensor | np.ndarray) -> np.ndarray:

@@ -88,7 +88,7 @@ class Sparse(Method):
             gram = engine.gramian(jac)
             vec, info = self.base.aggregate(jac, gram)
             engine.write_back(params, shared, vec * mvec)
-            engine.write_task_specific(params, res.task_specific_mean())
+            engine.write_task_specific(params, res.task_specific_combined(self.base.combined_loss_weights(info)))
             return {"losses": res.losses, "gramian": gram, **info}
         saved = {n: params[n].grad for n in shared}
         for n in shared:
