@@ -35,6 +35,7 @@ class PadWrapper(gym.Wrapper):
 
     def _pad(self, obs: np.ndarray) -> np.ndarray:
         out = np.zeros(self._obs_dim, dtype=np.float32)
+        obs = np.asarray(obs).ravel()  # gym tasks may have n-d Box observations
         out[: obs.shape[0]] = obs
         return out
 
@@ -82,6 +83,10 @@ def make_env(spec: TaskSpec, obs_dim: int, act_dim: int, *, goal_seed: int, seed
         from .dmc import DMCEnv
 
         env = DMCEnv(spec.name, seed=seed)
-    else:  # pragma: no cover - suites only build the two kinds
+    elif spec.kind == "gym":  # a Gymnasium id or a registered builder (envs/custom.py); seeded by reset(seed=)
+        from .custom import make_gym
+
+        env = make_gym(spec)
+    else:  # pragma: no cover - suites only build these kinds
         raise ValueError(f"unknown task kind {spec.kind!r}")
     return PadWrapper(env, obs_dim, act_dim)

@@ -1,7 +1,8 @@
 """Task suites: a registry from a suite name to an ordered list of tasks.
 
 ``mt1-<task>`` (each of the 50 Meta-World v3 tasks), ``mt10``, ``mt25``, ``mt50``, a custom Meta-World list
-(``--tasks a,b,c``), and DeepMind Control state-based sets ``dmc-walker``, ``dmc-cheetah-walker``, ``dmc-mixed``.
+(``--tasks a,b,c``), and DeepMind Control state-based sets ``dmc-walker``, ``dmc-cheetah-walker``, ``dmc-mixed``;
+user task lists ``gym:Id1,Id2`` / ``dmc:domain-task,...`` and suites registered from Python (``envs/custom.py``).
 
 Task identity is never baked into the observation: a worker passes the task index beside it, and the backbone
 decides how to use it (one-hot, heads, routing...). Observations and actions of a suite are zero-padded to the
@@ -11,7 +12,7 @@ largest task; ``Suite.action_mask`` says which action dimensions are real for ea
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -66,13 +67,18 @@ def _metaworld_lists() -> Dict[str, List[str]]:
 
 @dataclass(frozen=True)
 class TaskSpec:
-    name: str  # "reach-v3" or "walker-walk"
-    kind: str  # "metaworld" | "dmc"
+    name: str  # "reach-v3", "walker-walk", "Pendulum-v1"
+    kind: str  # "metaworld" | "dmc" | "gym" (a Gymnasium id, or a builder of envs/custom.py's register_suite)
     obs_dim: int
     act_dim: int
+    max_steps: int = 0  # episode limit of a gym task (0: the kind's own horizon)
+    # gym tasks of a suite registered from Python: a zero-argument callable returning the env (None: gym.make(name))
+    builder: Optional[Callable[[], Any]] = field(default=None, compare=False, repr=False)
 
     @property
     def horizon(self) -> int:
+        if self.max_steps:
+            return self.max_steps
         return MW_HORIZON if self.kind == "metaworld" else DMC_HORIZON
 
 
@@ -101,6 +107,11 @@ class Suite:
         return kinds.pop() if len(kinds) == 1 else "mixed"
 
     @property
+    def has_success(self) -> bool:
+        """Whether a success metric exists (Meta-World tasks); DMC and Gymnasium tasks report returns only."""
+        return any(t.kind == "metaworld" for t in self.tasks)
+
+    @property
     def action_mask(self) -> np.ndarray:
         """(T, act_dim) bool: True where the action dimension exists for that task."""
         mask = np.zeros((self.num_tasks, self.act_dim), dtype=bool)
@@ -110,8 +121,10 @@ class Suite:
 
 
 def available_suites() -> List[str]:
+    from .custom import registered_suites
+
     names = ["mt10", "mt25", "mt50"] + list(DMC_SUITES)
-    return names + ["mt1-<task>"]
+    return names + ["mt1-<task>", "gym:<Id>,<Id>...", "dmc:<domain-task>,..."] + registered_suites()
 
 
 def metaworld_task_names() -> List[str]:
@@ -128,7 +141,10 @@ def _dmc_spec(name: str) -> TaskSpec:
 
 
 def get_suite(name: Optional[str], tasks: Optional[List[str]] = None) -> Suite:
-    """Resolve ``--suite`` / ``--tasks`` to a Suite; raise ValueError naming the bad value and the valid ones."""
+    """Resolve ``--suite`` / ``--tasks`` to a Suite; raise ValueError naming the bad value and the valid ones.
+    A Suite given as ``name`` is returned as it is (a registered suite shipped to a Ray worker)."""
+    if isinstance(name, Suite):
+        return name
     mw = _metaworld_lists()
     if tasks:
         if name not in (None, "custom"):
@@ -145,6 +161,11 @@ def get_suite(name: Optional[str], tasks: Optional[List[str]] = None) -> Suite:
         return Suite(name, [_mw_spec(t) for t in mw[name]])
     if name in DMC_SUITES:
         return Suite(name, [_dmc_spec(t) for t in DMC_SUITES[name]])
+    from .custom import custom_suite
+
+    custom = custom_suite(name)  # gym:..., dmc:..., or a suite registered from Python (envs/custom.py)
+    if custom is not None:
+        return custom
     if name.startswith("mt1-"):
         task = name[len("mt1-"):]
         if task not in mw["all"]:

@@ -15,6 +15,28 @@ from typing import Any, Dict, Optional
 from .config import Config
 
 
+def check_address(address: Optional[str], timeout: float = 5.0) -> None:
+    """ConfigError unless something listens at ``--address`` (``host:port`` or ``ray://host:port``; ``auto`` is
+    left to Ray, which fails fast when no cluster runs here). ``ray.init`` would retry a dead address for minutes."""
+    import socket
+
+    from .config import ConfigError
+
+    if not address or address in ("auto", "local"):
+        return
+    target = address[len("ray://"):] if address.startswith("ray://") else address
+    host, sep, port = target.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit():
+        raise ConfigError(f"--address {address!r} is not host:port, ray://host:port or auto")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as e:
+        why = e.strerror or type(e).__name__
+        raise ConfigError(f"--address {address!r}: no Ray cluster answers at {host}:{port} ({why}); start one there "
+                          "with `ray start --head`, or drop --address for a local run") from None
+
+
 def start_ray(cfg: Config, extra_cpus: int = 0) -> bool:
     """Connect to ``cfg.address``, or start an embedded local Ray sized to the machine; False if Ray was already
     initialised here (nothing started). ``extra_cpus``: room for actors beside the workers (the learner actor)."""

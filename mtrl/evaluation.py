@@ -119,7 +119,7 @@ def evaluate_tasks(suite, task_indices: Sequence[int], policy: torch.nn.Module, 
         idx = [task_indices[i] for i in mw]
         out.update(_eval_metaworld(suite, idx, policy, mask[mw], num_episodes, goal_seed, eval_seed))
     for i, t in enumerate(task_indices):
-        if suite.tasks[t].kind == "dmc":
+        if suite.tasks[t].kind != "metaworld":  # DMC and Gymnasium tasks: mean return, no success
             out[t] = _eval_dmc(suite, t, policy, mask[i], num_episodes, eval_seed)
     return out
 

@@ -39,12 +39,16 @@ def protocol(suite: Suite, cfg: Config) -> Dict[str, Any]:
     p: Dict[str, Any] = {"suite": suite.name, "tasks": suite.task_names, "seed": cfg.seed,
                          "eval_episodes_per_task": cfg.eval_episodes, "deterministic_eval": True,
                          "horizon": {t.name: t.horizon for t in suite.tasks}, "step_axis": "env steps, all tasks"}
-    if suite.kind in ("metaworld", "mixed"):
+    kinds = {t.kind for t in suite.tasks}
+    if "metaworld" in kinds:
         p.update({"benchmark": "Meta-World v3", "reward_version": REWARD_VERSION, "goals_per_task": 50,
                   "goal_resampling": "on reset", "success": "info['success'] ever 1 in the episode",
                   "task_id": "index beside the observation (backbone decides: one-hot for mlp)"})
-    if suite.kind in ("dmc", "mixed"):
+    if "dmc" in kinds:
         p.update({"benchmark_dmc": "dm_control suite, state observations, zero-padded", "dmc_metric": "return"})
+    if "gym" in kinds:  # envs/custom.py
+        p.update({"benchmark_gym": "Gymnasium envs, observations flattened and zero-padded, actions in [-1, 1] "
+                                   "rescaled to each task's bounds", "gym_metric": "return"})
     return p
 
 
