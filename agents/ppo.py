@@ -45,6 +45,7 @@ from agents.sac import (NonFiniteLoss, apply_step, critic_network, host_states, 
 from mtrl.devices import generator_state, restore_generator
 from mtrl.config import PPOConfig
 from mtrl.nets import build_backbone
+from mtrl.nets.init import ACTOR_HEAD_BOUND, CRITIC_HEAD_BOUND, init_network
 
 LOG_2PI = math.log(2 * math.pi)
 STATE_LOG_STD = (-5.0, 2.0)
@@ -229,8 +230,10 @@ class MTPPO:
         self.actor = build_policy(obs_dim, act_dim, num_tasks, cfg, backbone, bk).to(self.device)
         self.critic = ValueNet(obs_dim, num_tasks, cb, cbk).to(self.device)
         self.action_mask = torch.as_tensor(action_mask, dtype=torch.float32, device=self.device)
-        self.actor_opt = adam(self.actor.parameters(), cfg.lr, self.device, eps=1e-5)
-        self.critic_opt = adam(self.critic.parameters(), cfg.lr, self.device, eps=1e-5)
+        init_network(self.actor.net, cfg.init, ACTOR_HEAD_BOUND)
+        init_network(self.critic.net, cfg.init, CRITIC_HEAD_BOUND)
+        self.actor_opt = adam(self.actor.parameters(), cfg.lr, self.device, eps=cfg.adam_eps)
+        self.critic_opt = adam(self.critic.parameters(), cfg.lr, self.device, eps=cfg.adam_eps)
         wire_methods(self, num_tasks, method, method_kwargs, actor_method, seed)  # num_updates: minibatch steps
         self._grad_fns = self._gradient_functions()
         self.num_rounds = 0

@@ -11,6 +11,9 @@ parameters — ``mtsac`` averages them. Per task t, with y = r + γ (1 − termi
     actor:   L_π,t = mean_B (α_t log π(ã|s) − min_j Q_j(s, ã)),    ã = tanh(μ + σ ε)
     alpha:   L_α,t = −mean_B log α_t (log π(ã|s) + H̄_t),           H̄_t = −|A_t|
 
+With ``task_weights`` (Soft Modularization), L_Q,t and L_π,t are multiplied by w_t = T · softmax(−log α)_t,
+detached (:meth:`MTSAC._weights`).
+
 Padded action dimensions (``action_mask``) are forced to 0 and excluded from log π, so a task with fewer actions
 has its own entropy target. Time-limit truncation bootstraps (the replay stores ``terminated`` only).
 
@@ -39,6 +42,7 @@ from mtrl.devices import generator_state, restore_generator
 from mtrl.gradients import get_method, task_losses
 from mtrl.nets import build_backbone
 from mtrl.nets.context import with_transition_dim
+from mtrl.nets.init import ACTOR_HEAD_BOUND, CRITIC_HEAD_BOUND, init_network
 
 
 def _prefixed_task_specific(module: nn.Module, prefix: str) -> Set[str]:
@@ -166,7 +170,7 @@ def method_grads(module: nn.Module, method, loss_fn, batch, task_ids: Tensor, ta
 
 def apply_step(name: str, module: nn.Module, opt: torch.optim.Optimizer, method, info, loss_fn, batch,
                task_ids: Tensor, max_grad_norm: float, hooks, num_updates: int, grads: FlatGrads,
-               monitor: NonFiniteMonitor) -> bool:
+               monitor: NonFiniteMonitor, extra: Optional[Dict[str, Any]] = None) -> bool:
     """Given the gradient in ``grads``: finiteness (recorded in ``monitor``; a non-finite per-task loss or
     combined gradient makes the step a no-op on the device, ``guarded_step``), clipping, the optimizer step, the
     method's ``post_step`` and the modules' ``after_step`` hooks (which see the step's ``ok`` flag). No host
@@ -181,7 +185,7 @@ def apply_step(name: str, module: nn.Module, opt: torch.optim.Optimizer, method,
     for m in hooks:
         changed |= bool(m.after_step({"role": name, "num_updates": num_updates, "loss_fn": loss_fn, "batch": batch,
                                       "params": dict(module.named_parameters()), "task_ids": task_ids,
-                                      "info": info, "optimizer": opt, "ok": ok}))
+                                      "info": info, "optimizer": opt, "ok": ok, **(extra or {})}))
     return changed
 
 
@@ -279,6 +283,9 @@ class MTSAC:
         cb, cbk = critic_network(backbone, bk, critic_backbone, critic_backbone_kwargs)
         self.actor = Actor(obs_dim, act_dim, num_tasks, backbone, bk, cfg.log_std_min, cfg.log_std_max).to(self.device)
         self.critic = TwinQ(obs_dim, act_dim, num_tasks, cb, cbk).to(self.device)
+        init_network(self.actor.net, cfg.init, ACTOR_HEAD_BOUND)
+        for q in (self.critic.q1, self.critic.q2):
+            init_network(q, cfg.init, CRITIC_HEAD_BOUND)
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
         # > 0: batches must carry "context" (T, B, K, D); one K serves both networks (each reads it if it wants).
         lens = {m.context_len for m in (self.actor, self.critic) if m.context_len}
@@ -289,9 +296,9 @@ class MTSAC:
         self.log_alpha = nn.Parameter(torch.full((num_tasks,), math.log(cfg.init_alpha), device=self.device))
         self.action_mask = torch.as_tensor(action_mask, dtype=torch.float32, device=self.device)
         self.target_entropy = -self.action_mask.sum(-1)
-        self.actor_opt = adam(self.actor.parameters(), cfg.actor_lr, self.device)
-        self.critic_opt = adam(self.critic.parameters(), cfg.critic_lr, self.device)
-        self.alpha_opt = adam([self.log_alpha], cfg.alpha_lr, self.device)
+        self.actor_opt = adam(self.actor.parameters(), cfg.actor_lr, self.device, eps=cfg.adam_eps)
+        self.critic_opt = adam(self.critic.parameters(), cfg.critic_lr, self.device, eps=cfg.adam_eps)
+        self.alpha_opt = adam([self.log_alpha], cfg.alpha_lr, self.device, eps=cfg.adam_eps)
         self.alpha_grads = FlatGrads([self.log_alpha])
         wire_methods(self, num_tasks, method, method_kwargs, actor_method, seed)
         self._critic_grads, self._actor_grads = self.critic_grads, self.actor_grads
@@ -306,7 +313,8 @@ class MTSAC:
         else:
             (q1, q2), aux = functional_call(self.critic, params, (b["obs"], b["action"], task), kw), 0.0
         y = b["target"]
-        return 0.5 * ((q1 - y).pow(2).mean() + (q2 - y).pow(2).mean()) + aux
+        loss = 0.5 * ((q1 - y).pow(2).mean() + (q2 - y).pow(2).mean())
+        return (loss * b["weight"] if "weight" in b else loss) + aux
 
     def actor_loss_one(self, params: Dict[str, Tensor], b: Dict[str, Tensor], task: Tensor, *,
                        critic_params: Dict[str, Tensor], contrast: Optional[Tensor] = None) -> Tensor:
@@ -319,9 +327,21 @@ class MTSAC:
             (mean, log_std), aux = functional_call(self.actor, params, (b["obs"], task), kw), 0.0
         a, logp = squash(mean, log_std, b["eps"], b["mask"])
         q1, q2 = functional_call(self.critic, critic_params, (b["obs"], a, task), kw)
-        return (b["alpha"] * logp - torch.min(q1, q2)).mean() + aux
+        loss = (b["alpha"] * logp - torch.min(q1, q2)).mean()
+        return (loss * b["weight"] if "weight" in b else loss) + aux
 
     # --- the update -----------------------------------------------------------------------------------------
+    def _weights(self, alpha: Tensor) -> Dict[str, Tensor]:
+        """``{"weight": w}`` with w_t = T · softmax(−log α)_t (detached) when ``task_weights`` is on, else ``{}``.
+
+        Soft Modularization (Yang et al. 2020; official RchalYang/Soft-Module ``temp_reweight``; Meta-World+
+        ``extract_task_weights`` in rl/algorithms/mtsac.py): a task whose temperature is still high (its policy has
+        not settled) counts less; the weights average 1, so the loss scale is that of the plain mean. They multiply
+        each task's critic and actor loss (not the temperature's), before the method combines them."""
+        if not self.cfg.task_weights:
+            return {}
+        return {"weight": self.num_tasks * torch.softmax(-alpha.detach().log(), dim=0)}
+
     def _flat(self, x: Optional[Tensor]) -> Optional[Tensor]:
         return None if x is None else x.reshape(-1, *x.shape[2:])
 
@@ -377,8 +397,11 @@ class MTSAC:
         _, _, bind = self._context(batch)
         self.grads["critic"].zero()
         cinfo, cb = self._critic_grads(batch, eps_next, alpha)
+        # A scale-free per-task quality signal for the hooks that rank snapshots (moe): the TD loss relative to the
+        # variance of its targets, which grows with the Q scale as the raw loss does (mtrl/nets/README_BACKBONES.md).
+        rank = {"rank_losses": cinfo["losses"].detach() / (cb["target"].var(dim=1, unbiased=False) + 1e-8)}
         self._apply("critic", self.critic, self.critic_opt, self.critic_method, cinfo,
-                    functools.partial(self.critic_loss_one, **bind), cb)
+                    functools.partial(self.critic_loss_one, **bind), cb, rank)
         info["critic_losses"] = cinfo["losses"]
         info["critic_diag"] = cinfo  # type: ignore[assignment]
 
@@ -387,7 +410,7 @@ class MTSAC:
             ainfo, ab, alpha_losses, entropy = self._actor_grads(batch, eps, alpha)
             guarded_step(self.alpha_opt, self.monitor.record("alpha", alpha_losses), self.alpha_grads)
             self._apply("actor", self.actor, self.actor_opt, self.actor_method, ainfo,
-                        functools.partial(self.actor_loss_one, critic_params=self._frozen_critic(), **bind), ab)
+                        functools.partial(self.actor_loss_one, critic_params=self._frozen_critic(), **bind), ab, rank)
             info["alpha_losses"] = alpha_losses
             info["entropy"] = entropy
             info["actor_losses"] = ainfo["losses"]
@@ -405,7 +428,7 @@ class MTSAC:
         Returns (the method's diagnostics, the loss batch)."""
         _, extra, bind = self._context(batch)
         target = self.compute_targets(batch, alpha, eps_next)
-        cb = {"obs": batch["obs"], "action": batch["action"], "target": target, **extra}
+        cb = {"obs": batch["obs"], "action": batch["action"], "target": target, **extra, **self._weights(alpha)}
         return method_grads(self.critic, self.critic_method, functools.partial(self.critic_loss_one, **bind), cb,
                             self.task_ids, self.critic_task_specific), cb
 
@@ -425,7 +448,8 @@ class MTSAC:
             # d/d log α_t of −mean_B log α_t (log π + H̄_t): each α_t sees only its own task's loss.
             self.alpha_grads.buffer.copy_(-gap.mean(1))
         actor_loss = functools.partial(self.actor_loss_one, critic_params=self._frozen_critic(), **bind)
-        ab = {"obs": batch["obs"], "eps": eps, "mask": self.action_mask, "alpha": alpha, **extra}
+        ab = {"obs": batch["obs"], "eps": eps, "mask": self.action_mask, "alpha": alpha, **extra,
+              **self._weights(alpha)}
         ainfo = method_grads(self.actor, self.actor_method, actor_loss, ab, self.task_ids, self.actor_task_specific)
         return ainfo, ab, alpha_losses, -logp.view(T, B).mean(1)
 
@@ -445,16 +469,20 @@ class MTSAC:
     def _frozen_critic(self) -> Dict[str, Tensor]:
         return {k: v.detach() for k, v in self.critic.named_parameters()}
 
-    def _apply(self, name: str, module: nn.Module, opt: torch.optim.Optimizer, method, info, loss_fn, batch
-               ) -> None:
+    def _apply(self, name: str, module: nn.Module, opt: torch.optim.Optimizer, method, info, loss_fn, batch,
+               extra: Optional[Dict[str, Any]] = None) -> None:
         changed = apply_step(name, module, opt, method, info, loss_fn, batch, self.task_ids, self.cfg.max_grad_norm,
-                             self.hooks[name], self.num_updates, self.grads[name], self.monitor)
+                             self.hooks[name], self.num_updates, self.grads[name], self.monitor, extra)
         # [issue 4] An after_step that returns True changed buffers (e.g. harmony's per-task masks): the target
         # critic shares them, so copy the critic's buffers into it (Polyak averaging only moves parameters).
         if changed and name == "critic":
             with torch.no_grad():
                 for dst, src in zip(self.critic_target.buffers(), self.critic.buffers()):
                     dst.copy_(src)
+            # A perturbed critic backbone (moe) moves its target the same way (MENTOR perturbs both).
+            for src, dst in zip(self.critic.modules(), self.critic_target.modules()):
+                if callable(getattr(src, "apply_last_perturbation", None)):
+                    src.apply_last_perturbation(dst)
 
     def losses(self, batch: Dict[str, Tensor]) -> Dict[str, Tensor]:
         """Per-task losses (T,) for critic, actor and α on a batch, without updating anything."""
@@ -467,10 +495,11 @@ class MTSAC:
         aparams = {k: v.detach() for k, v in self.actor.named_parameters()}
         eps = torch.randn((T, B, self.act_dim), generator=self.generator, device=self.device)
         with torch.no_grad():
+            w = self._weights(alpha)
             critic = task_losses(functools.partial(self.critic_loss_one, **bind), cparams,
-                                 {"obs": batch["obs"], "action": batch["action"], "target": target, **extra},
+                                 {"obs": batch["obs"], "action": batch["action"], "target": target, **extra, **w},
                                  self.task_ids)
-            ab = {"obs": batch["obs"], "eps": eps, "mask": self.action_mask, "alpha": alpha, **extra}
+            ab = {"obs": batch["obs"], "eps": eps, "mask": self.action_mask, "alpha": alpha, **extra, **w}
             actor = task_losses(functools.partial(self.actor_loss_one, critic_params=cparams, **bind), aparams, ab,
                                 self.task_ids)
             mask = self.action_mask[:, None, :].expand(T, B, self.act_dim)

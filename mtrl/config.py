@@ -1,8 +1,14 @@
 """Every setting of a run, in typed dataclasses; YAML presets; ``--set a.b=c`` overrides; validation.
 
-Precedence (last wins): dataclass defaults < ``configs/default.yaml`` < ``configs/methods/<method>.yaml`` <
-``--config FILE.yaml`` < explicit command-line flags < ``--set key=value``. Unknown keys and bad values raise
-``ConfigError`` with one line naming the value and what is valid; ``scripts/train.py`` turns that into exit code 2.
+Precedence (last wins): dataclass defaults < ``configs/default.yaml`` < the suite's budget (:func:`suite_budget`:
+``total_steps`` and ``sac.buffer_size``) < ``configs/methods/<method>.yaml`` (a preset; its ``suites: {<suite>:
+{...}}`` section, deep-merged over the rest of the preset for that suite) < ``--config FILE.yaml`` < explicit
+command-line flags < ``--set key=value``. Unknown keys and bad values raise ``ConfigError`` with one line naming the
+value and what is valid; ``scripts/train.py`` turns that into exit code 2.
+
+A preset is named by ``--method``: either a gradient method's own file (``pcgrad``: ``method: pcgrad``) or a
+baseline whose ``method:`` is another name (``sm``, ``moore``, ``mtmhsac``...: ``method: mtsac``); ``preset``
+records which file was applied (config.yaml, run_info.json, TensorBoard TEXT).
 """
 
 from __future__ import annotations
@@ -41,6 +47,14 @@ class SACConfig:
     log_std_min: float = -20.0
     log_std_max: float = 2.0
     max_grad_norm: float = 0.0  # 0 = no clipping (mtrl/CARE); Meta-World+ uses 1.0
+    adam_eps: float = 1e-8  # Adam epsilon of actor, critic and temperature (PyTorch's; Meta-World+ 1e-5)
+    # Network init: "torch" (PyTorch's defaults, each backbone's own) or "he_uniform" (Meta-World+: He-uniform
+    # weights, zero biases, output layers uniform +-1e-3 actor / +-3e-3 critic; mtrl/nets/init.py)
+    init: str = "torch"
+    # Soft Modularization's task reweighting (official temp_reweight; Meta-World+ use_task_weights): task t's
+    # critic and actor losses times w_t = T * softmax(-log alpha)_t, detached (agents/sac.py)
+    task_weights: bool = False
+
 
 
 @dataclass
@@ -69,6 +83,8 @@ class PPOConfig:
     log_std: str = "param"  # "param": state-independent per-task log-std; "state": a second output of the net
     init_log_std: float = 0.0
     obs_clip: float = 10.0  # normalised observations are clipped to +-obs_clip
+    adam_eps: float = 1e-5  # both networks (SBX/Meta-World+ PPO)
+    init: str = "torch"  # as sac.init ("torch" | "he_uniform")
 
 
 @dataclass
@@ -76,6 +92,7 @@ class Config:
     suite: Optional[str] = None
     tasks: List[str] = field(default_factory=list)
     method: str = "mtsac"
+    preset: str = ""  # the configs/methods/<name>.yaml applied (set by scripts/train.py; "" = none)
     method_kwargs: Dict[str, Any] = field(default_factory=dict)
     # Method for the actor loss when it must differ ("" = same as `method`): loss-weighting methods that need
     # positive losses (famo, igb, uw) weight the critic and average the actor, whose SAC loss can be negative.
@@ -88,7 +105,7 @@ class Config:
     critic_backbone: str = ""
     critic_backbone_kwargs: Dict[str, Any] = field(default_factory=dict)
     seed: int = 0
-    total_steps: int = 20_000_000  # env steps summed over all tasks (MT10: 2M per task)
+    total_steps: int = 20_000_000  # env steps summed over all tasks (MT10: 2M per task); per suite: suite_budget
     workers: int = 2
     worker_cpus: float = 1.0
     device: str = "auto"
@@ -127,6 +144,7 @@ ALGOS = ("sac", "ppo")
 DEVICES = ("auto", "cpu", "cuda")
 REPLAY_DEVICES = ("auto", "cpu", "cuda")
 COMPILE_MODES = ("auto", "off", "default", "reduce-overhead", "max-autotune")
+INITS = ("torch", "he_uniform")
 
 
 def _fields(cls: type) -> Dict[str, Any]:
@@ -242,6 +260,53 @@ def method_preset(name: str) -> Optional[Path]:
     return p if p.is_file() else None
 
 
+def available_presets() -> List[str]:
+    """Names ``--method`` accepts as presets (configs/methods/*.yaml)."""
+    return sorted(p.stem for p in (CONFIG_DIR / "methods").glob("*.yaml"))
+
+
+def _deep_merge(base: Dict[str, Any], over: Dict[str, Any]) -> Dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_preset(name: str, suite: Optional[str]) -> Optional[Dict[str, Any]]:
+    """A preset's settings for ``suite``: the file without its ``suites:`` section, with ``suites[suite]`` (if any)
+    deep-merged over it, so an MT50 entry can change one backbone option and keep the others. None: no preset."""
+    path = method_preset(name)
+    if path is None:
+        return None
+    data = load_yaml(path)
+    if not isinstance(data, dict):
+        raise ConfigError(f"configs/methods/{path.name}: expected a mapping of settings")
+    per_suite = data.pop("suites", None) or {}
+    if not isinstance(per_suite, dict) or not all(isinstance(v, dict) for v in per_suite.values()):
+        raise ConfigError(f"configs/methods/{path.name}: 'suites' must map suite names to settings")
+    return _deep_merge(data, per_suite.get(suite, {})) if suite else data
+
+
+# Budgets per suite (2M env steps and 100k replay transitions per task: Meta-World+, McLean et al. 2025,
+# rainx0r/metaworld-algorithms examples/multi_task/pcgrad_mt10.py and paco_mt10.py (MT50), the same for MT1/MT25 and a
+# custom --tasks list). DMC suites: 1M env steps per task (the usual DMC state-based budget, e.g. SAC and BRC
+# curves to 1M) and a replay that keeps all of them (1M per task, as single-task SAC at that budget).
+BUDGET_PER_TASK = {"metaworld": (2_000_000, 100_000), "dmc": (1_000_000, 1_000_000)}
+
+
+def suite_budget(suite: Optional[str], tasks: Optional[List[str]] = None) -> Optional[Dict[str, Any]]:
+    """``{"total_steps": ..., "sac": {"buffer_size": ...}}`` for a suite (per-task budget × tasks), or None when the
+    suite does not resolve (validation reports it later). A mixed suite takes the Meta-World numbers."""
+    from envs import get_suite
+
+    try:
+        s = get_suite(suite, tasks or None)
+    except ValueError:
+        return None
+    steps, buffer = BUDGET_PER_TASK.get(s.kind, BUDGET_PER_TASK["metaworld"])
+    return {"total_steps": steps * s.num_tasks, "sac": {"buffer_size": buffer * s.num_tasks}}
+
+
 def validate(cfg: Config) -> None:
     """Check every setting (names against their registries, options by building the method and backbone once).
 
@@ -255,7 +320,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"unknown algo {cfg.algo!r}; valid: {', '.join(ALGOS)}")
     # "stl" (issue 7): the single-task reference, one SB3 SAC per task (mtrl/stl.py); not a gradient method.
     if cfg.method not in available_methods() and cfg.method != "stl":
-        raise ConfigError(f"unknown method {cfg.method!r}; valid: {', '.join(available_methods())}")
+        raise ConfigError(f"unknown method {cfg.method!r}; valid: {', '.join(available_methods())}; presets: "
+                          f"{', '.join(available_presets())}")
     if cfg.actor_method and cfg.actor_method not in available_methods():
         raise ConfigError(f"unknown actor_method {cfg.actor_method!r}; valid: {', '.join(available_methods())}")
     if cfg.backbone not in available_backbones():
@@ -263,6 +329,13 @@ def validate(cfg: Config) -> None:
     if cfg.critic_backbone and cfg.critic_backbone not in available_backbones():
         raise ConfigError(f"unknown critic_backbone {cfg.critic_backbone!r}; valid: "
                           f"{', '.join(available_backbones())}")
+    if cfg.preset and method_preset(cfg.preset) is None:
+        raise ConfigError(f"unknown preset {cfg.preset!r}; valid: {', '.join(available_presets())}")
+    for sec in ("sac", "ppo"):
+        if getattr(cfg, sec).init not in INITS:
+            raise ConfigError(f"{sec}.init={getattr(cfg, sec).init!r}; valid: {', '.join(INITS)}")
+        if not getattr(cfg, sec).adam_eps > 0:
+            raise ConfigError(f"{sec}.adam_eps={getattr(cfg, sec).adam_eps} must be > 0")
     if cfg.learner_placement not in ("auto", "driver", "actor"):
         raise ConfigError(f"learner_placement={cfg.learner_placement!r}; valid: auto, driver, actor")
     if cfg.nan_policy not in ("stop", "skip"):

@@ -27,6 +27,7 @@ def bad(message: str) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from envs import DMC_SUITES
+    from mtrl.config import available_presets
     from mtrl.gradients import available_methods
     from mtrl.nets import available_backbones
 
@@ -35,14 +36,16 @@ def build_parser() -> argparse.ArgumentParser:
         prog="train.py",
         description="Multi-task RL training (MT-SAC learner fed by Ray rollout workers).",
         epilog=f"suites: {suites}; or --tasks a,b,c for a custom Meta-World list.  "
-               f"methods: {', '.join(available_methods())}.  backbones: {', '.join(available_backbones())}.  "
+               f"methods: {', '.join(available_methods())}.  presets: {', '.join(available_presets())}.  "
+               f"backbones: {', '.join(available_backbones())}.  "
                "Settings not exposed as flags: --set key=value (e.g. --set sac.batch_size=64); "
                "see configs/default.yaml for every key.",
     )
     a = p.add_argument
     a("--suite", help=f"task suite: {suites}")
     a("--tasks", help="comma-separated Meta-World v3 tasks for a custom suite, e.g. reach-v3,push-v3")
-    a("--method", help=f"how task losses combine (default mtsac): {', '.join(available_methods())}; "
+    a("--method", help=f"how task losses combine (default mtsac): {', '.join(available_methods())}; or a "
+                       f"baseline preset (configs/methods/): {', '.join(available_presets())}; "
                        "or stl = single-task reference (one SB3 SAC per task)")  # stl: issue 7
     a("--algo", help="learning algorithm: sac, ppo (or --method mtppo: the PPO preset)")
     a("--backbone", help=f"network: {', '.join(available_backbones())}")
@@ -73,26 +76,37 @@ RESUME_MUTABLE = {"total_steps", "workers", "worker_cpus", "device", "eval_every
 
 
 def make_config(args: argparse.Namespace):
-    from mtrl.config import CONFIG_DIR, Config, ConfigError, apply_mapping, load_yaml, method_preset, set_key
+    from mtrl.config import (CONFIG_DIR, Config, ConfigError, apply_mapping, load_preset, load_yaml, set_key,
+                             suite_budget)
 
     cfg = Config()
     apply_mapping(cfg, load_yaml(CONFIG_DIR / "default.yaml"), "configs/default.yaml")
     file_data = load_yaml(args.config) if args.config else {}
     if not isinstance(file_data, dict):
         raise ConfigError(f"--config {args.config!r}: expected a mapping of settings")
+    # The suite is needed before the layers that depend on it (budget, a preset's `suites:` section).
+    sets = dict(a.split("=", 1) for a in args.set if "=" in a)
+    suite = args.suite or sets.get("suite") or file_data.get("suite")
+    tasks = args.tasks or sets.get("tasks") or file_data.get("tasks")
+    tasks = [str(t).strip() for t in (tasks.split(",") if isinstance(tasks, str) else tasks or []) if str(t).strip()]
+    budget = suite_budget(str(suite) if suite else None, tasks or None)
+    if budget is not None:
+        apply_mapping(cfg, budget, f"the budget of suite {suite or 'custom'}")
     method = args.method or file_data.get("method") or cfg.method
-    preset = method_preset(str(method))
-    preset_data: dict = {}
-    if preset is not None:
-        preset_data = load_yaml(preset)
-        apply_mapping(cfg, preset_data, f"configs/methods/{preset.name}")
+    preset_data = load_preset(str(method), str(suite) if suite else None)
+    preset = preset_data is not None
+    if preset:
+        apply_mapping(cfg, preset_data, f"configs/methods/{method}.yaml")
+        cfg.preset = str(method)
     if file_data:
         apply_mapping(cfg, file_data, f"--config {args.config}")
+        if preset and cfg.method == method:  # `method: sm` in the file named the preset, not a gradient method
+            cfg.method = preset_data.get("method", method)
     for key in FLAG_KEYS:
         v = getattr(args, key)
         # issue 5: a preset whose own `method:` differs from its name (mtppo = algo ppo + method mtsac) gives that
         # method when `--method <preset>` selected it; every other preset names itself, so nothing changes there.
-        if key == "method" and preset is not None and v == method and preset_data.get("method", v) != v:
+        if key == "method" and preset and v == method and preset_data.get("method", v) != v:
             v = preset_data["method"]
         if v is not None:
             setattr(cfg, key, v)
@@ -135,6 +149,22 @@ def resume_config(args: argparse.Namespace):
     return cfg, run_dir
 
 
+def budget_line(cfg) -> str:
+    """The run's budget, printed at start-up: env steps and replay per task, and whether they are the suite's
+    defaults (mtrl.config.suite_budget) or set explicitly (flag, --set, --config, preset)."""
+    from envs import get_suite
+    from mtrl.config import suite_budget
+
+    T = get_suite(cfg.suite, cfg.tasks or None).num_tasks
+    default = suite_budget(cfg.suite, cfg.tasks or None) or {}
+    steps_src = "suite default" if default.get("total_steps") == cfg.total_steps else "set explicitly"
+    buf_src = "suite default" if default.get("sac", {}).get("buffer_size") == cfg.sac.buffer_size else "set explicitly"
+    line = f"budget: {cfg.total_steps:,} env steps ({cfg.total_steps // T:,} per task; {steps_src})"
+    if cfg.algo == "sac":
+        line += f", replay {cfg.sac.buffer_size:,} transitions ({cfg.sac.buffer_size // T:,} per task; {buf_src})"
+    return line + (f", preset {cfg.preset}" if cfg.preset else "")
+
+
 def main(argv=None) -> int:
     from mtrl.config import ConfigError, validate
 
@@ -173,6 +203,7 @@ def main(argv=None) -> int:
     except (ConfigError, ValueError) as e:
         bad(str(e))
         return 2
+    print(budget_line(cfg), flush=True)
 
     if cfg.method == "stl":  # issue 7: the single-task reference, one SB3 SAC per task (mtrl/stl.py)
         from mtrl.stl import run_stl

@@ -26,8 +26,12 @@ Auxiliary loss (returned with ``return_aux=True``, added to every task's loss)::
 Task-oriented perturbation (``after_step``, MENTOR §1.2 adapted to online multi-task SAC):
 
 * Performance signal: MENTOR ranks whole-agent snapshots by episode return; a backbone has no returns, so a
-  snapshot's score is −EMA(mean per-task loss of this backbone's own role), from ``ctx["info"]["losses"]``:
-  lower critic TD loss / lower actor loss (= higher soft Q) is better. Every ``snapshot_interval`` of this
+  snapshot's score is −EMA(mean over tasks of a per-task loss). ``rank="relative"`` (default, issue 12): the SAC
+  critic's TD loss relative to the variance of its TD targets (``ctx["rank_losses"]`` from agents/sac.py, the same
+  signal for the actor and the critic backbone, as MENTOR ranks whole agents): the raw TD loss grows with the Q
+  scale, which grows as the agent learns, so ranking by it kept the early critics. ``rank="loss"``: the raw loss
+  of this backbone's own role (``ctx["info"]["losses"]``; also the fallback where no ``rank_losses`` is given,
+  e.g. PPO). Every ``snapshot_interval`` of this
   module's updates a snapshot of the backbone's parameters is added to a top-``tp_set_size`` set (while not full
   always; then replacing the worst if better).
 * Every ``perturb_interval`` updates: β = dormant ratio (DrM: units with mean |act| < 0.025 × layer mean) of this
@@ -51,9 +55,10 @@ Task-oriented perturbation (``after_step``, MENTOR §1.2 adapted to online multi
   the set empty on the device keeps θ (α = 1), though the optimizer reset still happens.
 * Not done: MENTOR's shrink-perturb of its convolutional image encoder (θ ← α θ + (1 − α) θ_init, fresh random
   init, no snapshots): it exists for pixel observations; with state observations there is no encoder (the trunk
-  here is MENTOR's MLP part and gets the snapshot perturbation). MENTOR also perturbs its target critic from
-  target-critic snapshots; here the target critic is not a backbone that steps, it follows the perturbed critic
-  by Polyak averaging.
+  here is MENTOR's MLP part and gets the snapshot perturbation).
+* Target critic: a critic-role perturbation returns True from ``after_step`` and SAC applies the same α and φ to
+  the target critic's copy (:meth:`apply_last_perturbation`), so the target moves with the critic (MENTOR perturbs
+  its target critic too, from target-critic snapshots; here from the critic's snapshot distribution).
 """
 
 from __future__ import annotations
@@ -119,7 +124,7 @@ class MentorMoE(Backbone):
                                     entropy_coef=1.0, perturb=True, perturb_interval=50_000,
                                     snapshot_interval=500, tp_set_size=10, perturb_rate=2.0,
                                     min_perturb_factor=0.2, max_perturb_factor=0.95, loss_ema=0.99,
-                                    reset_optimizer=True)
+                                    reset_optimizer=True, rank="relative")
 
     def __init__(self, in_dim: int, out_dim: int, num_tasks: int, **options: Any) -> None:
         super().__init__(in_dim, out_dim, num_tasks)
@@ -141,6 +146,8 @@ class MentorMoE(Backbone):
         o["loss_ema"] = check_float("moe", "loss_ema", o["loss_ema"], 0.0, 0.999999)
         check_bool("moe", "perturb", o["perturb"])
         check_bool("moe", "reset_optimizer", o["reset_optimizer"])
+        if o["rank"] not in ("relative", "loss"):
+            raise ValueError(f"backbone 'moe': option rank={o['rank']!r}; valid: relative, loss")
         self.opt = o
         self.num_experts, self.top_k = E, k
         layers: List[nn.Module] = []
@@ -161,6 +168,7 @@ class MentorMoE(Backbone):
         self.register_buffer("last_alpha", torch.tensor(math.nan), persistent=False)
         self.register_buffer("last_dormant", torch.tensor(math.nan), persistent=False)
         self._bank: Dict[str, Tensor] = {}
+        self._last_phi: Dict[str, Tensor] = {}  # the critic's last perturbation target φ, for its target network
         # Host side, from the schedule: losses seen, snapshots offered (capped at S), updates, perturbations.
         self._seen_losses = False
         self._n_offered = 0
@@ -209,15 +217,29 @@ class MentorMoE(Backbone):
             return False
         self._steps += 1
         losses = (ctx.get("info") or {}).get("losses")
+        if self.opt["rank"] == "relative" and ctx.get("rank_losses") is not None:
+            losses = ctx["rank_losses"]  # scale-free: TD loss / Var(TD target) per task (agents/sac.py)
         if losses is not None:
             self._update_loss_ema(losses)
         if self._steps % self.opt["snapshot_interval"] == 0 and self._seen_losses:
             self.add_snapshot(-self._loss_ema)
         if self._steps % self.opt["perturb_interval"] == 0 and self._n_offered:
-            self.perturb()
+            self.perturb(keep_phi=ctx.get("role") == "critic")
             if self.opt["reset_optimizer"] and ctx.get("optimizer") is not None:
                 self.reset_optimizer_state(ctx["optimizer"])
+            return ctx.get("role") == "critic"  # the agent then moves the target critic (apply_last_perturbation)
         return False
+
+    @torch.no_grad()
+    def apply_last_perturbation(self, target: nn.Module) -> None:
+        """θ̄ ← α θ̄ + (1 − α) φ on ``target`` (the same architecture, e.g. the target critic's copy of this
+        backbone) with the α and φ of the last :meth:`perturb` (kept with ``keep_phi``), then forget φ."""
+        if not self._last_phi:
+            return
+        a = self.last_alpha
+        for n, p in target.named_parameters():
+            p.mul_(a.to(p.dtype)).add_(self._last_phi[n] * (1.0 - a.to(p.dtype)))
+        self._last_phi = {}
 
     @torch.no_grad()
     def _update_loss_ema(self, losses: Tensor) -> None:
@@ -261,9 +283,9 @@ class MentorMoE(Backbone):
         return [(scores[i], {n: b[i] for n, b in self._bank.items()}) for i in range(len(filled)) if filled[i]]
 
     @torch.no_grad()
-    def perturb(self) -> Tensor:
+    def perturb(self, keep_phi: bool = False) -> Tensor:
         """θ ← α θ + (1 − α) φ, φ ~ N(mean, std of the snapshot set). Returns α (a device tensor; 1 when the set is
-        empty on the device)."""
+        empty on the device). ``keep_phi``: keep φ for :meth:`apply_last_perturbation` (the target critic)."""
         o = self.opt
         if self._last is not None:
             beta = dormant_ratio(self.hidden_activations(*self._last))
@@ -282,6 +304,8 @@ class MentorMoE(Backbone):
             phi = mu + sd * torch.randn_like(mu)
             a = alpha.to(p.dtype)
             p.mul_(a).add_(phi * (1.0 - a))
+            if keep_phi:
+                self._last_phi[name] = phi
         self.n_perturbations += 1
         self.last_alpha.copy_(alpha)
         self.last_dormant.copy_(beta)

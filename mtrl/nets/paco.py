@@ -80,6 +80,10 @@ class PaCo(Backbone):
     def task_specific_parameters(self) -> Set[str]:
         return {"task_w"}
 
+    def output_parameters(self) -> Set[str]:
+        """The compositional output layer (mtrl/nets/init.py gives it the small output init)."""
+        return {f"w.{len(self.w) - 1}", f"b.{len(self.b) - 1}"}
+
     @torch.no_grad()
     def after_step(self, ctx: Dict[str, Any]) -> bool:
         super().after_step(ctx)
