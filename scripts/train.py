@@ -54,8 +54,6 @@ def build_parser() -> argparse.ArgumentParser:
     a("--seed", type=int)
     a("--total-steps", type=int, help="env steps summed over all tasks (MT10 at 2M/task: 20000000)")
     a("--workers", type=int, help="Ray rollout actors; 0 = one in-process worker (default 2)")
-    a("--envs-per-task", type=int, help="environments per task, spread over the workers (default 1); --workers "
-                                        "may then go up to tasks x envs-per-task")
     a("--worker-cpus", type=float, help="CPUs reserved per Ray worker (default 1)")
     a("--device", help="learner device: auto, cpu, cuda (default auto)")
     a("--run-dir", help="run directory (default runs/<suite>_<method>_<backbone>_s<seed>_<time>)")
@@ -71,16 +69,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 FLAG_KEYS = ["suite", "method", "algo", "backbone", "critic_backbone", "seed", "total_steps", "workers",
-             "worker_cpus", "device", "run_dir", "eval_every", "eval_episodes", "checkpoint_every", "address",
-             "envs_per_task"]
+             "worker_cpus", "device", "run_dir", "eval_every", "eval_episodes", "checkpoint_every", "address"]
 # What may change when resuming: budgets and placement, not what is being trained.
 RESUME_MUTABLE = {"total_steps", "workers", "worker_cpus", "device", "eval_every", "eval_episodes",
                   "checkpoint_every", "address", "progress"}
 
 
 def make_config(args: argparse.Namespace):
-    from mtrl.config import (CONFIG_DIR, Config, ConfigError, apply_mapping, fit_default_workers, load_preset,
-                             load_yaml, set_key, suite_budget)
+    from mtrl.config import (CONFIG_DIR, Config, ConfigError, apply_mapping, load_preset, load_yaml, set_key,
+                             suite_budget)
 
     cfg = Config()
     apply_mapping(cfg, load_yaml(CONFIG_DIR / "default.yaml"), "configs/default.yaml")
@@ -121,9 +118,6 @@ def make_config(args: argparse.Namespace):
         cfg.progress = False
     for s in args.set:
         set_key(cfg, s)
-    if args.workers is None and "workers" not in sets and "workers" not in file_data and \
-            "workers" not in (preset_data or {}):
-        fit_default_workers(cfg)  # issue 13: an explicit --workers above the env slots is an error instead
     return cfg
 
 
@@ -171,56 +165,55 @@ def budget_line(cfg) -> str:
     return line + (f", preset {cfg.preset}" if cfg.preset else "")
 
 
-def prepare(args: argparse.Namespace):
-    """Config, checks and run directory of a run: (cfg, run_dir, checkpoint payload or None). Raises ConfigError
-    (one line) on bad input before anything is written. Shared with the Python API (``mtrl.train``)."""
+def main(argv=None) -> int:
     from mtrl.config import ConfigError, validate
 
-    if args.resume:
-        cfg, run_dir = resume_config(args)
-    else:
-        cfg = make_config(args)
-        run_dir = None
-    validate(cfg)
-    from mtrl.cluster import check_address
-    from mtrl.runner import default_run_dir, resolve_device
+    args = build_parser().parse_args(argv)
+    try:
+        if args.resume:
+            cfg, run_dir = resume_config(args)
+        else:
+            cfg = make_config(args)
+            run_dir = None
+        validate(cfg)
+        from mtrl.runner import default_run_dir, resolve_device
 
-    check_address(cfg.address)  # a dead address fails here in seconds, not after Ray's minutes of retries
-    if not (cfg.address and cfg.learner_placement != "driver"):
-        resolve_device(cfg.device)  # on a cluster the GPU may be on another node: the learner actor checks
-        if cfg.replay_device == "cuda":
-            resolve_device("cuda")
-    if run_dir is None:
-        run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg)
-        if run_dir.exists() and any(run_dir.iterdir()):
-            raise ConfigError(f"--run-dir {str(run_dir)!r} already holds a run; use --resume {run_dir} or "
-                              "another directory")
-        cfg.run_dir = str(run_dir)
-    # issue 7: `--method stl` (single-task SB3 reference, mtrl/stl.py) has no checkpoint to resume from.
-    if args.resume and cfg.method == "stl":
-        raise ConfigError(f"--resume {args.resume!r}: stl runs (single-task reference) cannot be resumed; "
-                          "start a new run")
-    payload = None
-    if args.resume:
-        from mtrl.checkpoint import CheckpointError, load
+        if not (cfg.address and cfg.learner_placement != "driver"):
+            resolve_device(cfg.device)  # on a cluster the GPU may be on another node: the learner actor checks
+            if cfg.replay_device == "cuda":
+                resolve_device("cuda")
+        if run_dir is None:
+            run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg)
+            if run_dir.exists() and any(run_dir.iterdir()):
+                raise ConfigError(f"--run-dir {str(run_dir)!r} already holds a run; use --resume {run_dir} or "
+                                  "another directory")
+            cfg.run_dir = str(run_dir)
+        # issue 7: `--method stl` (single-task SB3 reference, mtrl/stl.py) has no checkpoint to resume from.
+        if args.resume and cfg.method == "stl":
+            raise ConfigError(f"--resume {args.resume!r}: stl runs (single-task reference) cannot be resumed; "
+                              "start a new run")
+        payload = None
+        if args.resume:
+            from mtrl.checkpoint import CheckpointError, load
 
-        try:
-            payload = load(run_dir / "checkpoint.pt")
-        except CheckpointError as e:
-            raise ConfigError(str(e)) from None
-    return cfg, run_dir, payload
+            try:
+                payload = load(run_dir / "checkpoint.pt")
+            except CheckpointError as e:
+                raise ConfigError(str(e)) from None
+    except (ConfigError, ValueError) as e:
+        bad(str(e))
+        return 2
+    print(budget_line(cfg), flush=True)
 
-
-def run(cfg, run_dir: Path, payload=None) -> dict:
-    """Train (or continue) the prepared run; returns the final evaluation. Raises NonFiniteError, WorkerFailure,
-    KeyboardInterrupt as the trainers do."""
     if cfg.method == "stl":  # issue 7: the single-task reference, one SB3 SAC per task (mtrl/stl.py)
         from mtrl.stl import run_stl
 
         print(f"run directory: {run_dir}", flush=True)
-        return run_stl(cfg, run_dir)
+        final = run_stl(cfg, run_dir)
+        print(f"final: success_rate={final['success_rate']:.3f} return={final['return']:.1f} ({run_dir}/results.json)")
+        return 0
 
-    from mtrl.runner import Trainer, train_placed
+    from mtrl.runner import NonFiniteError, Trainer, WorkerFailure, train_placed
 
     trainer_cls = Trainer
     if cfg.algo == "ppo":  # issue 5: synchronous on-policy rounds on the same workers, methods and backbones
@@ -228,34 +221,9 @@ def run(cfg, run_dir: Path, payload=None) -> dict:
 
         trainer_cls = OnPolicyTrainer
     print(f"run directory: {run_dir}", flush=True)
-    # In this process, or in a Ray actor holding a GPU (learner_placement; auto = on a cluster with a GPU).
-    return train_placed(trainer_cls, cfg, run_dir, payload)
-
-
-def final_line(final: dict, run_dir: Path) -> str:
-    """The last line of a run; success only where it is defined (Meta-World), the return alone otherwise."""
-    import math
-
-    sr = final["success_rate"]
-    head = "final:" if math.isnan(sr) else f"final: success_rate={sr:.3f}"
-    return f"{head} return={final['return']:.1f} ({run_dir}/results.json)"
-
-
-def main(argv=None) -> int:
-    from mtrl.config import ConfigError
-
-    args = build_parser().parse_args(argv)
     try:
-        cfg, run_dir, payload = prepare(args)
-    except (ConfigError, ValueError) as e:
-        bad(str(e))
-        return 2
-    print(budget_line(cfg), flush=True)
-
-    from mtrl.runner import NonFiniteError, WorkerFailure
-
-    try:
-        final = run(cfg, run_dir, payload)
+        # In this process, or in a Ray actor holding a GPU (learner_placement; auto = on a cluster with a GPU).
+        final = train_placed(trainer_cls, cfg, run_dir, payload)
     except NonFiniteError as e:
         sys.stderr.write(f"train.py: stopped: {e}; the last good checkpoint in {run_dir} is kept\n")
         return 1
@@ -265,7 +233,8 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write(f"train.py: interrupted; checkpoint saved in {run_dir} (continue with --resume {run_dir})\n")
         return 130
-    print(final_line(final, run_dir))
+    sr = final["success_rate"]
+    print(f"final: success_rate={sr:.3f} return={final['return']:.1f} ({run_dir}/results.json)")
     return 0
 
 
