@@ -187,6 +187,14 @@ def test_home_task_experts_get_no_gradient_from_other_tasks_and_groups_are_maske
     assert set(bb.task_specific_parameters()) >= {"et_w", "gate2_w", "head_w", "self_w"}
 
 
+def test_home_dense_mixed_task_forward_equals_per_task_groups():
+    """Off the host CPU mixed (B,) ids run every task's experts, each row keeping its own (no host read); on the
+    CPU each task's rows run separately. Both give the same outputs."""
+    bb = small("home", task_experts=2)
+    x, ids = torch.randn(4 * T, D), torch.randperm(4 * T) % T
+    torch.testing.assert_close(bb._forward_tasks(x, ids), bb(x, ids), atol=1e-5, rtol=1e-5)
+
+
 def test_home_experts_are_normalised_and_start_with_open_feature_gates():
     bb = small("home", width=16)
     x = torch.randn(64, D) * 10 + 3
