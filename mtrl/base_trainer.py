@@ -21,7 +21,7 @@ import torch
 import yaml
 
 from agents.sac import NonFiniteLoss
-from envs import get_suite
+from envs import get_suite, registered_suites
 
 from . import checkpoint
 from .cluster import install_sigterm, start_ray
@@ -238,7 +238,7 @@ class BaseTrainer:
         """rollout/* (last 10 episodes per task), time/*, workers/restarts; shared with the on-policy trainer."""
         assert self.logger is not None
         now = time.time()
-        log_rollout_and_time(self.logger, step, self.recent_ret, self.recent_succ, self.suite.kind != "dmc",
+        log_rollout_and_time(self.logger, step, self.recent_ret, self.recent_succ, self.suite.has_success,
                              (now, self.env_steps, self.updates), self._t_log,
                              None if self.replay is None else len(self.replay), self.worker_restarts)
         self._t_log = (now, self.env_steps, self.updates)
@@ -272,10 +272,13 @@ class BaseTrainer:
                     "task_steps": dict(zip(self.suite.task_names, self.task_steps.tolist())),
                     "worker_restarts": self.worker_restarts, "nan_skipped": self.nan_skipped})
         lg, step = self.logger, self.env_steps
-        lg.scalar("eval/success_rate", res["success_rate"], step)
+        # Success exists for Meta-World tasks only; DMC and Gymnasium tasks log their return alone.
+        if not math.isnan(res["success_rate"]):
+            lg.scalar("eval/success_rate", res["success_rate"], step)
         lg.scalar("eval/return", res["return"], step)
         for task, v in res["per_task"].items():
-            lg.scalar(f"eval/{task}/success_rate", v["success_rate"], step)
+            if not math.isnan(v["success_rate"]):
+                lg.scalar(f"eval/{task}/success_rate", v["success_rate"], step)
             lg.scalar(f"eval/{task}/return", v["return"], step)
         lg.flush()
         self.history.append(res)

@@ -313,22 +313,30 @@ def validate(cfg: Config) -> None:
     Fills in derived settings: ``backbone_kwargs.tasks`` for backbones that embed task names (care).
     """
     from envs import get_suite
-    from mtrl.gradients import available_methods
-    from mtrl.nets import available_backbones
+    from mtrl.plugins import normalize as _plugin_normalize
+
+    from mtrl.gradients.registry import METHODS
+    from mtrl.nets.registry import BACKBONES
 
     if cfg.algo not in ALGOS:
         raise ConfigError(f"unknown algo {cfg.algo!r}; valid: {', '.join(ALGOS)}")
+    # Names, plugin references (module:Class, file.py:Class) and entry points resolve through the registries
+    # (mtrl/plugins.py); a file reference is stored with its absolute path so workers and --resume find it.
     # "stl" (issue 7): the single-task reference, one SB3 SAC per task (mtrl/stl.py); not a gradient method.
-    if cfg.method not in available_methods() and cfg.method != "stl":
-        raise ConfigError(f"unknown method {cfg.method!r}; valid: {', '.join(available_methods())}; presets: "
-                          f"{', '.join(available_presets())}")
-    if cfg.actor_method and cfg.actor_method not in available_methods():
-        raise ConfigError(f"unknown actor_method {cfg.actor_method!r}; valid: {', '.join(available_methods())}")
-    if cfg.backbone not in available_backbones():
-        raise ConfigError(f"unknown backbone {cfg.backbone!r}; valid: {', '.join(available_backbones())}")
-    if cfg.critic_backbone and cfg.critic_backbone not in available_backbones():
-        raise ConfigError(f"unknown critic_backbone {cfg.critic_backbone!r}; valid: "
-                          f"{', '.join(available_backbones())}")
+    for role, registry in (("method", METHODS), ("actor_method", METHODS), ("backbone", BACKBONES),
+                           ("critic_backbone", BACKBONES)):
+        name = getattr(cfg, role)
+        if not name or (role == "method" and name == "stl"):
+            continue
+        setattr(cfg, role, _plugin_normalize(name))
+        try:
+            registry.get(getattr(cfg, role))
+        except ValueError as e:
+            msg = str(e).splitlines()[0]
+            if role == "method":  # --method also takes the baseline presets (sm, moore, mtmhsac...)
+                msg += f"; presets: {', '.join(available_presets())}"
+            raise ConfigError(msg if role in ("method", "backbone") or not msg.startswith("unknown")
+                              else msg.replace(f"unknown {registry.kind}", f"unknown {role}", 1)) from None
     if cfg.preset and method_preset(cfg.preset) is None:
         raise ConfigError(f"unknown preset {cfg.preset!r}; valid: {', '.join(available_presets())}")
     for sec in ("sac", "ppo"):
@@ -356,7 +364,8 @@ def validate(cfg: Config) -> None:
     for k, v in positive.items():
         if v <= 0:
             raise ConfigError(f"{k.replace('_', '-') if '.' not in k else k}={v} must be > 0")
-    non_negative = {"workers": cfg.workers, "eval_every": cfg.eval_every, "checkpoint_every": cfg.checkpoint_every,
+    non_negative = {"seed": cfg.seed, "workers": cfg.workers, "eval_every": cfg.eval_every,
+                    "checkpoint_every": cfg.checkpoint_every,
                     "max_lag_steps": cfg.max_lag_steps,
                     "max_worker_restarts": cfg.max_worker_restarts, "sac.learning_starts": cfg.sac.learning_starts,
                     "sac.max_grad_norm": cfg.sac.max_grad_norm}
@@ -379,9 +388,7 @@ def validate(cfg: Config) -> None:
         suite = get_suite(cfg.suite, cfg.tasks or None)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    if cfg.sac.buffer_size < suite.num_tasks:
-        raise ConfigError(f"sac.buffer_size={cfg.sac.buffer_size} is smaller than the number of tasks "
-                          f"({suite.num_tasks})")
+    _validate_together(cfg, suite)
     # Build the method and backbone once to validate their options (cheap; raises ValueError on bad options).
     from mtrl.gradients import get_method
     from mtrl.nets import build_backbone
@@ -392,7 +399,6 @@ def validate(cfg: Config) -> None:
     except (TypeError, ValueError) as e:
         raise ConfigError(f"method {cfg.method!r}: {str(e).splitlines()[0]}") from None
     from mtrl.nets.context import with_transition_dim
-    from mtrl.nets.registry import BACKBONES
 
     roles = [("backbone", cfg.backbone, cfg.backbone_kwargs)]
     if cfg.critic_backbone:
@@ -455,3 +461,21 @@ def from_dict(data: Dict[str, Any]) -> Config:
     cfg = Config()
     apply_mapping(cfg, data, "saved config")
     return cfg
+def _validate_together(cfg: Config, suite: Any) -> None:
+    """Settings whose values cannot work together (issue 13): the SAC replay against one batch and the random
+    warm-up, and evaluation episodes against the 50 goals of a Meta-World task."""
+    T, sac = suite.num_tasks, cfg.sac
+    if cfg.algo == "sac" and cfg.method != "stl":  # stl trains SB3 SACs with their own buffers (mtrl/stl.py)
+        per_task = sac.buffer_size // T  # the replay splits buffer_size evenly over the tasks (mtrl/learner.py)
+        if per_task < sac.batch_size:
+            raise ConfigError(f"sac.buffer_size={sac.buffer_size} holds {per_task} transition(s) per task over {T} "
+                              f"task(s), fewer than one batch (sac.batch_size={sac.batch_size}); valid: "
+                              f"sac.buffer_size >= {T * sac.batch_size}")
+        if sac.learning_starts > per_task:
+            raise ConfigError(f"sac.learning_starts={sac.learning_starts} random steps per task overflow the replay's "
+                              f"{per_task} per task (sac.buffer_size={sac.buffer_size} over {T} task(s)); valid: "
+                              f"sac.learning_starts <= {per_task}, or a larger sac.buffer_size")
+    mw_goals = 50  # metaworld.MT1 gives each task 50 goals; the protocol evaluates each once (mtrl/evaluation.py)
+    if suite.has_success and cfg.eval_episodes > mw_goals:
+        raise ConfigError(f"eval_episodes={cfg.eval_episodes} exceeds the {mw_goals} goals of a Meta-World task (one "
+                          f"episode per goal); valid: 1..{mw_goals}")

@@ -95,13 +95,14 @@ def load_class(ref: str, kind: str, base: type) -> type:
                         and getattr(v, "__module__", None) == module.__name__)
         raise ValueError(f"{kind} plugin {ref!r}: {target!r} has no {attr!r}; classes there: "
                          f"{', '.join(public) or 'none'}")
-    return check_class(cls, ref, kind, base)
+    return check_class(cls, f"{kind} plugin {ref!r}", base)
 
 
-def check_class(cls: object, ref: str, kind: str, base: type) -> type:
+def check_class(cls: object, label: str, base: type) -> type:
+    """``cls`` if it subclasses ``base``; else ValueError starting with ``label``."""
     if not isinstance(cls, type) or not issubclass(cls, base):
         what = cls.__name__ if isinstance(cls, type) else type(cls).__name__
-        raise ValueError(f"{kind} plugin {ref!r}: {what} is not a subclass of {base.__module__}.{base.__qualname__} "
+        raise ValueError(f"{label}: {what} is not a subclass of {base.__module__}.{base.__qualname__} "
                          "(see README 'Extending')")
     return cls
 
@@ -116,13 +117,12 @@ def entry_points(group: str) -> Dict[str, metadata.EntryPoint]:
 
 
 def load_entry_point(ep: metadata.EntryPoint, kind: str, base: type) -> type:
-    ref = f"{ep.name} (entry point {ep.group} = {ep.value})"
+    label = f"{kind} {ep.name!r} (entry point {ep.group} = {ep.value})"
     try:
         cls = ep.load()
     except Exception as e:  # noqa: BLE001
-        raise ValueError(f"{kind} {ref}: loading it raised {type(e).__name__}: "
-                         f"{(str(e).splitlines() or [''])[0]}") from None
-    return check_class(cls, ref, kind, base)
+        raise ValueError(f"{label}: loading it raised {type(e).__name__}: {(str(e).splitlines() or [''])[0]}") from None
+    return check_class(cls, label, base)
 
 
 def entry_point_names(group: Optional[str]) -> List[str]:

@@ -165,55 +165,56 @@ def budget_line(cfg) -> str:
     return line + (f", preset {cfg.preset}" if cfg.preset else "")
 
 
-def main(argv=None) -> int:
+def prepare(args: argparse.Namespace):
+    """Config, checks and run directory of a run: (cfg, run_dir, checkpoint payload or None). Raises ConfigError
+    (one line) on bad input before anything is written. Shared with the Python API (``mtrl.train``)."""
     from mtrl.config import ConfigError, validate
 
-    args = build_parser().parse_args(argv)
-    try:
-        if args.resume:
-            cfg, run_dir = resume_config(args)
-        else:
-            cfg = make_config(args)
-            run_dir = None
-        validate(cfg)
-        from mtrl.runner import default_run_dir, resolve_device
+    if args.resume:
+        cfg, run_dir = resume_config(args)
+    else:
+        cfg = make_config(args)
+        run_dir = None
+    validate(cfg)
+    from mtrl.cluster import check_address
+    from mtrl.runner import default_run_dir, resolve_device
 
-        if not (cfg.address and cfg.learner_placement != "driver"):
-            resolve_device(cfg.device)  # on a cluster the GPU may be on another node: the learner actor checks
-            if cfg.replay_device == "cuda":
-                resolve_device("cuda")
-        if run_dir is None:
-            run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg)
-            if run_dir.exists() and any(run_dir.iterdir()):
-                raise ConfigError(f"--run-dir {str(run_dir)!r} already holds a run; use --resume {run_dir} or "
-                                  "another directory")
-            cfg.run_dir = str(run_dir)
-        # issue 7: `--method stl` (single-task SB3 reference, mtrl/stl.py) has no checkpoint to resume from.
-        if args.resume and cfg.method == "stl":
-            raise ConfigError(f"--resume {args.resume!r}: stl runs (single-task reference) cannot be resumed; "
-                              "start a new run")
-        payload = None
-        if args.resume:
-            from mtrl.checkpoint import CheckpointError, load
+    check_address(cfg.address)  # a dead address fails here in seconds, not after Ray's minutes of retries
+    if not (cfg.address and cfg.learner_placement != "driver"):
+        resolve_device(cfg.device)  # on a cluster the GPU may be on another node: the learner actor checks
+        if cfg.replay_device == "cuda":
+            resolve_device("cuda")
+    if run_dir is None:
+        run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg)
+        if run_dir.exists() and any(run_dir.iterdir()):
+            raise ConfigError(f"--run-dir {str(run_dir)!r} already holds a run; use --resume {run_dir} or "
+                              "another directory")
+        cfg.run_dir = str(run_dir)
+    # issue 7: `--method stl` (single-task SB3 reference, mtrl/stl.py) has no checkpoint to resume from.
+    if args.resume and cfg.method == "stl":
+        raise ConfigError(f"--resume {args.resume!r}: stl runs (single-task reference) cannot be resumed; "
+                          "start a new run")
+    payload = None
+    if args.resume:
+        from mtrl.checkpoint import CheckpointError, load
 
-            try:
-                payload = load(run_dir / "checkpoint.pt")
-            except CheckpointError as e:
-                raise ConfigError(str(e)) from None
-    except (ConfigError, ValueError) as e:
-        bad(str(e))
-        return 2
-    print(budget_line(cfg), flush=True)
+        try:
+            payload = load(run_dir / "checkpoint.pt")
+        except CheckpointError as e:
+            raise ConfigError(str(e)) from None
+    return cfg, run_dir, payload
 
+
+def run(cfg, run_dir: Path, payload=None) -> dict:
+    """Train (or continue) the prepared run; returns the final evaluation. Raises NonFiniteError, WorkerFailure,
+    KeyboardInterrupt as the trainers do."""
     if cfg.method == "stl":  # issue 7: the single-task reference, one SB3 SAC per task (mtrl/stl.py)
         from mtrl.stl import run_stl
 
         print(f"run directory: {run_dir}", flush=True)
-        final = run_stl(cfg, run_dir)
-        print(f"final: success_rate={final['success_rate']:.3f} return={final['return']:.1f} ({run_dir}/results.json)")
-        return 0
+        return run_stl(cfg, run_dir)
 
-    from mtrl.runner import NonFiniteError, Trainer, WorkerFailure, train_placed
+    from mtrl.runner import Trainer, train_placed
 
     trainer_cls = Trainer
     if cfg.algo == "ppo":  # issue 5: synchronous on-policy rounds on the same workers, methods and backbones
@@ -221,9 +222,34 @@ def main(argv=None) -> int:
 
         trainer_cls = OnPolicyTrainer
     print(f"run directory: {run_dir}", flush=True)
+    # In this process, or in a Ray actor holding a GPU (learner_placement; auto = on a cluster with a GPU).
+    return train_placed(trainer_cls, cfg, run_dir, payload)
+
+
+def final_line(final: dict, run_dir: Path) -> str:
+    """The last line of a run; success only where it is defined (Meta-World), the return alone otherwise."""
+    import math
+
+    sr = final["success_rate"]
+    head = "final:" if math.isnan(sr) else f"final: success_rate={sr:.3f}"
+    return f"{head} return={final['return']:.1f} ({run_dir}/results.json)"
+
+
+def main(argv=None) -> int:
+    from mtrl.config import ConfigError
+
+    args = build_parser().parse_args(argv)
     try:
-        # In this process, or in a Ray actor holding a GPU (learner_placement; auto = on a cluster with a GPU).
-        final = train_placed(trainer_cls, cfg, run_dir, payload)
+        cfg, run_dir, payload = prepare(args)
+    except (ConfigError, ValueError) as e:
+        bad(str(e))
+        return 2
+    print(budget_line(cfg), flush=True)
+
+    from mtrl.runner import NonFiniteError, WorkerFailure
+
+    try:
+        final = run(cfg, run_dir, payload)
     except NonFiniteError as e:
         sys.stderr.write(f"train.py: stopped: {e}; the last good checkpoint in {run_dir} is kept\n")
         return 1
@@ -233,8 +259,7 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write(f"train.py: interrupted; checkpoint saved in {run_dir} (continue with --resume {run_dir})\n")
         return 130
-    sr = final["success_rate"]
-    print(f"final: success_rate={sr:.3f} return={final['return']:.1f} ({run_dir}/results.json)")
+    print(final_line(final, run_dir))
     return 0
 
 

@@ -45,6 +45,25 @@ CASES = [
     (["--suite", "mt10", "--config", "/nonexistent.yaml"], "config file '/nonexistent.yaml' does not exist"),
     (["--resume", "/nonexistent_run"], "--resume '/nonexistent_run': no such run directory"),
     ([], "give --suite"),
+    # issue 13: settings that cannot work together, plugins, own tasks
+    (["--suite", "mt10", "--seed", "-1"], "seed=-1 must be >= 0"),
+    (["--suite", "mt10", "--set", "sac.buffer_size=10"],
+     "sac.buffer_size=10 holds 1 transition(s) per task over 10 task(s), fewer than one batch (sac.batch_size="),
+    (["--suite", "mt10", "--set", "sac.buffer_size=2000", "--set", "sac.batch_size=16", "--set",
+      "sac.learning_starts=500"], "sac.learning_starts=500 random steps per task overflow the replay's 200 per task"),
+    (["--suite", "mt10", "--eval-episodes", "51"], "eval_episodes=51 exceeds the 50 goals of a Meta-World task"),
+    (["--suite", "mt10", "--method", str(ROOT / "examples/nope.py") + ":RLW"], "no such file"),
+    (["--suite", "mt10", "--method", str(ROOT / "examples/my_method.py") + ":Nope"], "has no 'Nope'; classes there: RLW"),
+    (["--suite", "mt10", "--method", str(ROOT / "examples/my_backbone.py") + ":FiLM"], "FiLM is not a subclass of mtrl.gradients"),
+    (["--suite", "mt10", "--backbone", str(ROOT / "examples/my_method.py") + ":RLW"], "RLW is not a subclass of torch.nn"),
+    (["--suite", "mt10", "--critic-backbone", "no_such_pkg.nets:Net"], "no module named 'no_such_pkg'"),
+    (["--suite", "mt10", "--method", str(ROOT / "examples/my_method.py") + ":RLW", "--set", "method_kwargs.temperature=0"],
+     "option temperature=0 is invalid"),
+    (["--suite", "mt10", "--backbone", str(ROOT / "examples/my_backbone.py") + ":FiLM", "--set", "backbone_kwargs.widht=3"],
+     "unexpected keyword argument 'widht'"),
+    (["--suite", "gym:Pendulum-v1,CartPole-v1"], "task 'CartPole-v1' has a Discrete(2) action space"),
+    (["--suite", "gym:NoSuchEnv-v0"], "gym task 'NoSuchEnv-v0': gymnasium.make raised"),
+    (["--suite", "dmc:walker-fly"], "unknown dm_control task 'walker-fly'; valid: "),
 ]
 
 
@@ -110,3 +129,16 @@ def test_replay_device_and_compile_values_accepted(tmp_path):
     (tmp_path / "c.yaml").write_text("compile: off\n")
     apply_mapping(cfg, load_yaml(tmp_path / "c.yaml"), "c.yaml")
     assert cfg.compile == "off"
+
+
+def test_dead_address_exits_2_within_30_s_naming_it(tmp_path):
+    """issue 13: nothing listens at 127.0.0.1:1; Ray would retry for minutes, the probe answers at once."""
+    import time
+
+    t0 = time.time()
+    p = subprocess.run([sys.executable, str(ROOT / "scripts" / "train.py"), "--suite", "mt1-reach-v3", "--workers",
+                        "1", "--address", "127.0.0.1:1", "--run-dir", str(tmp_path / "run")],
+                       capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert p.returncode == 2 and time.time() - t0 < 30
+    assert len(p.stderr.strip().splitlines()) == 1 and "--address '127.0.0.1:1': no Ray cluster answers" in p.stderr
+    assert not (tmp_path / "run").exists() and not (tmp_path / "runs").exists()
