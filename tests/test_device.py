@@ -71,7 +71,7 @@ def test_ppo_minibatch_update_on_meta_is_sync_free_and_device_clean(method, one_
 
 @pytest.mark.parametrize("backbone", sorted(set(available_backbones()) - {"mlp"}))
 def test_sac_update_on_meta_for_every_backbone(backbone, one_thread):
-    kw = {"suite": "dmc-walker"} if backbone == "care" else {}  # care reads the task names' embeddings
+    kw = {"suite": "dmc-walker"} if backbone in ("care", "cotasp") else {}  # they read the task names' embeddings
     ag = MTSAC(OBS, ACT, T, np.ones((T, ACT), np.float32), SACConfig(), backbone=backbone,
                backbone_kwargs={**SMALL, **kw}, method="pcgrad", device=META, seed=0)
     with DeviceCheck():

@@ -28,8 +28,9 @@ CUDA = torch.device("cuda") if torch.cuda.is_available() else None
 
 def _agent(device, method="mtsac", backbone="mlp", **kw):
     torch.manual_seed(0)
-    bk = {"width": 32, "depth": 2, **({"suite": "mt10"} if backbone == "care" else {})}
-    n = 10 if backbone == "care" else T
+    named = backbone in ("care", "cotasp")  # they read the task names' description embeddings
+    bk = {"width": 32, "depth": 2, **({"suite": "mt10"} if named else {})}
+    n = 10 if named else T
     return MTSAC(OBS, ACT, n, np.ones((n, ACT), np.float32), SACConfig(max_grad_norm=1.0), backbone=backbone,
                  backbone_kwargs=bk, method=method, device=device, seed=0, **kw)
 
