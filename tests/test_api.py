@@ -90,3 +90,25 @@ def test_registered_suite_trains_with_its_builders(tmp_path, one_thread):
         assert r["light"] != r["heavy"] and p.act(np.zeros(3), "heavy").shape == (1,)
     finally:
         _REGISTERED.pop("test-pendulums", None)
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_registered_suite_builders_travel_to_ray_workers(tmp_path, ray_local):
+    """A registered suite exists only in the registering process: Ray workers get its builders pickled."""
+    import gymnasium as gym
+
+    import mtrl
+    from envs.custom import _REGISTERED
+
+    try:
+        mtrl.envs.register_suite("test-ray-pendulums", {
+            "light": lambda: gym.make("Pendulum-v1", g=5.0, max_episode_steps=50),
+            "heavy": lambda: gym.make("Pendulum-v1", g=15.0, max_episode_steps=50)})
+        res = mtrl.train(suite="test-ray-pendulums", workers=2, total_steps=200, eval_episodes=1, compile="off",
+                         progress=False, run_dir=str(tmp_path / "run"), chunk_steps=20,
+                         sac={"learning_starts": 20, "batch_size": 16}, backbone_kwargs={"width": 16, "depth": 1})
+        assert res["final"]["task_steps"] == {"light": 100, "heavy": 100}
+        assert res["final"]["per_task"]["light"]["return"] != res["final"]["per_task"]["heavy"]["return"]
+    finally:
+        _REGISTERED.pop("test-ray-pendulums", None)
