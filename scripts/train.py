@@ -31,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     from mtrl.gradients import available_methods
     from mtrl.nets import available_backbones
 
-    suites = "mt10, mt25, mt50, mt1-<task> (e.g. mt1-reach-v3), " + ", ".join(DMC_SUITES)
+    suites = ("mt10, mt25, mt50, mt1-<task> (e.g. mt1-reach-v3), " + ", ".join(DMC_SUITES)
+              + ", gym:<Id>,<Id>... (Gymnasium ids), dmc:<domain-task>,... (dm_control tasks)")
     p = OneLineParser(
         prog="train.py",
         description="Multi-task RL training (MT-SAC learner fed by Ray rollout workers).",
@@ -48,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
                        f"baseline preset (configs/methods/): {', '.join(available_presets())}; "
                        "or stl = single-task reference (one SB3 SAC per task)")  # stl: issue 7
     a("--algo", help="learning algorithm: sac, ppo (or --method mtppo: the PPO preset)")
-    a("--backbone", help=f"network: {', '.join(available_backbones())}")
+    a("--backbone", help=f"network: {', '.join(available_backbones())}; or a plugin path/to/file.py:Class or "
+                         "package.module:Class (README 'Extending'; also for --method, --critic-backbone)")
     a("--critic-backbone", help="the critic's network when it differs (default: --backbone); its options: "
                                 "--set critic_backbone_kwargs.KEY=VALUE")
     a("--seed", type=int)
