@@ -14,7 +14,7 @@ import sys
 import time
 from collections import deque
 from pathlib import Path
-from typing import Any, Deque, Dict, List, Optional
+from typing import Any, Deque, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -31,7 +31,7 @@ from .evaluation import summarize
 from .learner import Learner
 from .logging import Logger, Progress, log_backbones, log_gradients, log_rollout_and_time
 from .rundir import _write_json, protocol, write_run_files
-from .rollout import RolloutWorker, WorkerPool, WorkerSpec, split_tasks
+from .rollout import RolloutWorker, WorkerPool, WorkerSpec, split_envs
 
 __all__ = ["BaseTrainer", "NonFiniteError", "WorkerFailure"]
 
@@ -105,26 +105,30 @@ class BaseTrainer:
         if "worker_state" in payload and self.cfg.workers == 0:
             self._worker_state = payload["worker_state"]  # applied once the in-process worker exists
 
-    def _worker_spec(self, i: int, task_slice: List[int]) -> WorkerSpec:
-        """Worker ``i``'s spec with the next fresh seed stream: a restarted worker does not replay old randomness."""
-        cfg, s = self.cfg, self.suite
+    def _worker_spec(self, i: int, slots: List[Tuple[int, int]]) -> WorkerSpec:
+        """Worker ``i``'s spec for its env ``slots`` (task, env index) with the next fresh seed stream: a restarted
+        worker does not replay old randomness. ``learning_starts`` counts a task's steps over its N envs, so each
+        env takes ceil(learning_starts / N) random steps (and, on a resume, 1/N of its task's steps so far)."""
+        cfg, s, n = self.cfg, self.suite, self.cfg.envs_per_task
         env_seq, pol_seq = self._seed_seq.spawn(1)[0].spawn(2)
+        tasks = [t for t, _ in slots]
         return WorkerSpec(
-            suite=s.name if s.name != "custom" else None, tasks=list(cfg.tasks), task_indices=task_slice,
-            goal_seed=cfg.seed, env_seeds=[int(x) for x in env_seq.generate_state(len(task_slice))],
-            policy_seed=int(pol_seq.generate_state(1)[0]), learning_starts=cfg.sac.learning_starts,
-            start_steps=[int(self.task_steps[t]) for t in task_slice], backbone=cfg.backbone,
+            suite=s.name if s.name != "custom" else None, tasks=list(cfg.tasks), task_indices=tasks,
+            goal_seed=cfg.seed, env_seeds=[int(x) for x in env_seq.generate_state(len(slots))],
+            policy_seed=int(pol_seq.generate_state(1)[0]), learning_starts=-(-cfg.sac.learning_starts // n),
+            start_steps=[int(self.task_steps[t]) // n for t in tasks], backbone=cfg.backbone,
             backbone_kwargs=dict(cfg.backbone_kwargs), log_std_min=cfg.sac.log_std_min,
             log_std_max=cfg.sac.log_std_max, name=f"worker{i}", pid_dir=str(self.run_dir / "workers"),
-            fault=cfg.fault_inject)
+            fault=cfg.fault_inject, env_indices=[j for _, j in slots])
 
     def _make_pool(self) -> WorkerPool:
         cfg = self.cfg
-        slices = split_tasks(self.T, cfg.workers) if cfg.workers > 0 else [list(range(self.T))]
+        self.slots = split_envs(self.T, max(1, cfg.workers), cfg.envs_per_task)
         # One stream per resume, then one child per worker (re)start, in order.
         self._seed_seq = self.worker_seq.spawn(self.resumes + 1)[self.resumes]
-        specs = [self._worker_spec(i, sl) for i, sl in enumerate(slices)]
+        specs = [self._worker_spec(i, sl) for i, sl in enumerate(self.slots)]
         self.failures_in_a_row = [0] * len(specs)
+        self.chunks_done = [0] * len(specs)  # per worker, for the equal-share rule (mtrl/runner.py)
         if cfg.workers > 0:
             self._started_ray |= start_ray(cfg)
         return WorkerPool(specs, use_ray=cfg.workers > 0, worker_cpus=cfg.worker_cpus, worker_cls=self.worker_cls)
@@ -133,7 +137,7 @@ class BaseTrainer:
         """Replace worker ``i`` (its delivered episodes are kept; its partial episodes are lost with it), or stop
         the run when it failed ``max_worker_restarts`` times in a row."""
         assert self.pool is not None and self.logger is not None
-        names = [self.suite.task_names[t] for t in self.pool.specs[i].task_indices]
+        names = [self.suite.task_names[t] for t in dict.fromkeys(self.pool.specs[i].task_indices)]
         self.failures_in_a_row[i] += 1
         if self.failures_in_a_row[i] > self.cfg.max_worker_restarts:
             raise WorkerFailure(f"rollout worker for task(s) {', '.join(names)} failed "
@@ -142,7 +146,7 @@ class BaseTrainer:
         self.logger.scalar("workers/restarts", self.worker_restarts, self.env_steps)
         print(f"warning: rollout worker {i} ({', '.join(names)}) failed: {error}; restarting "
               f"({self.failures_in_a_row[i]}/{self.cfg.max_worker_restarts})", file=sys.stderr, flush=True)
-        self.pool.replace(i, self._worker_spec(i, self.pool.specs[i].task_indices))
+        self.pool.replace(i, self._worker_spec(i, self.slots[i]))
 
     # --- the loop -------------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -241,6 +245,8 @@ class BaseTrainer:
         log_rollout_and_time(self.logger, step, self.recent_ret, self.recent_succ, self.suite.has_success,
                              (now, self.env_steps, self.updates), self._t_log,
                              None if self.replay is None else len(self.replay), self.worker_restarts)
+        # issue 13: every task's share of env steps (max - min over tasks; at most one chunk of a task's envs).
+        self.logger.scalar("rollout/env_steps_spread", int(np.ptp(self.task_steps)), step)
         self._t_log = (now, self.env_steps, self.updates)
 
     def _log_grad(self, info: Dict[str, Any]) -> None:
@@ -270,7 +276,9 @@ class BaseTrainer:
         res = summarize(self.suite, per_task)
         res.update({"env_steps": self.env_steps, "updates": self.updates, "eval_seconds": time.time() - t0,
                     "task_steps": dict(zip(self.suite.task_names, self.task_steps.tolist())),
-                    "worker_restarts": self.worker_restarts, "nan_skipped": self.nan_skipped})
+                    "env_steps_spread": int(np.ptp(self.task_steps)), "worker_chunks": list(self.chunks_done),
+                    "worker_restarts": self.worker_restarts,
+                    "nan_skipped": self.nan_skipped})
         lg, step = self.logger, self.env_steps
         # Success exists for Meta-World tasks only; DMC and Gymnasium tasks log their return alone.
         if not math.isnan(res["success_rate"]):

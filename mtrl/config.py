@@ -107,6 +107,9 @@ class Config:
     seed: int = 0
     total_steps: int = 20_000_000  # env steps summed over all tasks (MT10: 2M per task); per suite: suite_budget
     workers: int = 2
+    # Environments per task (issue 13), spread with the tasks' over the workers (mtrl/rollout.py split_envs);
+    # --workers may then go up to tasks x envs_per_task. 1 = the published protocols.
+    envs_per_task: int = 1
     worker_cpus: float = 1.0
     device: str = "auto"
     # Where the SAC replay lives (mtrl.replay.make_replay): "auto" = on the learner's device when it fits in free
@@ -125,7 +128,7 @@ class Config:
     log_every: int = 100  # updates between train/* scalars
     log_grad_every: int = 1000  # updates between grad/* diagnostics (Jacobian methods)
     weight_sync_every: int = 25  # updates between weight broadcasts to workers
-    chunk_steps: int = 50  # env steps per task per worker call
+    chunk_steps: int = 50  # env steps per environment per worker call
     max_lag_steps: int = 0  # env steps collected ahead of the update-to-data ratio; 0 = auto (2 rounds)
     progress: bool = True
     save_replay: bool = False  # store the replay buffer in checkpoints (exact resume; large)
@@ -307,6 +310,18 @@ def suite_budget(suite: Optional[str], tasks: Optional[List[str]] = None) -> Opt
     return {"total_steps": steps * s.num_tasks, "sac": {"buffer_size": buffer * s.num_tasks}}
 
 
+def fit_default_workers(cfg: Config) -> None:
+    """The default ``workers`` (2) on a suite with fewer env slots (MT1: 1 task x envs_per_task 1) becomes one
+    worker per slot. Only for the default: an explicit ``--workers`` above the slots is refused by ``validate``."""
+    from envs import get_suite
+
+    try:
+        slots = get_suite(cfg.suite, cfg.tasks or None).num_tasks * max(1, cfg.envs_per_task)
+    except ValueError:
+        return  # validate() names the bad suite
+    cfg.workers = min(cfg.workers, slots)
+
+
 def validate(cfg: Config) -> None:
     """Check every setting (names against their registries, options by building the method and backbone once).
 
@@ -425,6 +440,28 @@ def validate(cfg: Config) -> None:
     if len(context_lens) > 1:
         raise ConfigError(f"backbone and critic_backbone read contexts of different lengths {sorted(context_lens)}; "
                           "set the same context_len")
+    _validate_collection(cfg, suite.num_tasks, bool(context_lens))
+
+
+def _validate_collection(cfg: Config, num_tasks: int, reads_context: bool) -> None:
+    """issue 13: environments per task and the workers that share them (no silent cap on --workers)."""
+    n = cfg.envs_per_task
+    if n < 1:
+        raise ConfigError(f"envs-per-task={n} must be >= 1")
+    slots = num_tasks * n
+    if cfg.workers > slots:
+        raise ConfigError(f"--workers {cfg.workers} is more than the {slots} environment slots ({num_tasks} task(s) "
+                          f"x envs-per-task {n}); valid: --workers 0 to {slots}, or raise --envs-per-task")
+    if cfg.algo == "ppo" and cfg.ppo.rollout_steps % n:
+        raise ConfigError(f"ppo.rollout_steps={cfg.ppo.rollout_steps} is not a multiple of envs-per-task={n} "
+                          "(each of a task's envs collects rollout_steps / envs-per-task steps a round)")
+    if n > 1 and cfg.method == "stl":
+        raise ConfigError(f"envs-per-task={n} cannot run with method 'stl' (one SB3 SAC per task, one env each); "
+                          "valid: envs-per-task 1")
+    if n > 1 and reads_context:
+        # The replay's context windows are a task's ring in order (mtrl/nets/context.py): one env per task.
+        raise ConfigError(f"envs-per-task={n} cannot run with a backbone that reads contexts (use_task_id=false); "
+                          "valid: envs-per-task 1")
 
 
 def _validate_ppo(cfg: Config) -> None:

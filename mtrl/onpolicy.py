@@ -1,6 +1,7 @@
 """The on-policy training loop (issue 5): synchronous PPO rounds on the same rollout workers.
 
-Each round every worker collects ``ppo.rollout_steps`` env steps of each of its tasks with the current policy
+Each round every task gets ``ppo.rollout_steps`` env steps (each of its ``envs_per_task`` envs a 1/N share, on
+whichever workers hold them) with the current policy
 (``PPOWorker.collect_rollout``: behaviour log-probs, terminated vs truncated kept apart, the true final next_obs);
 the learner (``agents.ppo.MTPPO``) computes per-task GAE and runs ``epochs`` x ``minibatches`` updates, merges the
 round's observations into the observation statistics and broadcasts weights + statistics. A worker that dies or
@@ -81,8 +82,9 @@ class PPOWorker(RolloutWorker):
                 nxt[i, s], rew[i, s], te, tr = self._step_env(i, env_a[i], episodes)
                 term[i, s], trunc[i, s] = float(te), float(tr)
             self.steps += 1
-        return {"task_indices": self.task_indices, "obs": obs, "action": act, "logp": logp, "reward": rew,
-                "next_obs": nxt, "terminated": term, "truncated": trunc, "episodes": episodes, "steps": k * n_steps}
+        return {"task_indices": self.task_indices, "env_indices": self.env_indices, "obs": obs, "action": act,
+                "logp": logp, "reward": rew, "next_obs": nxt, "terminated": term, "truncated": trunc,
+                "episodes": episodes, "steps": k * n_steps}
 
 
 class OnPolicyTrainer(BaseTrainer):
@@ -99,9 +101,13 @@ class OnPolicyTrainer(BaseTrainer):
 
     # --- the loop -------------------------------------------------------------------------------------------
     def _collect_round(self) -> Dict[str, np.ndarray]:
-        """One synchronous round: every task's ``rollout_steps``. Failed workers are replaced and their share
-        collected again (same weights: the replacement gets the last broadcast). Returns (T, N, ...) arrays."""
-        pool, n = self.pool, self.cfg.ppo.rollout_steps
+        """One synchronous round: every task's ``rollout_steps``, split evenly over its ``envs_per_task`` envs
+        (wherever they are). Failed workers are replaced and their share collected again (same weights: the
+        replacement gets the last broadcast). Returns (T, rollout_steps, ...) arrays: env j of task t fills
+        columns [j n, (j + 1) n), its last step marked truncated so that GAE bootstraps there and does not run on
+        into the next env's steps (for N = 1 that is the round's end, where GAE bootstraps anyway)."""
+        n_task = self.cfg.ppo.rollout_steps
+        pool, n = self.pool, n_task // self.cfg.envs_per_task
         assert pool is not None
         todo = set(range(len(pool)))
         parts: Dict[int, Dict[str, Any]] = {}
@@ -114,14 +120,16 @@ class OnPolicyTrainer(BaseTrainer):
                         self._worker_failed(i, result.message)  # raises WorkerFailure past the restart bound
                         continue
                     self.failures_in_a_row[i] = 0
+                    self.chunks_done[i] += 1
                     parts[i] = result
                     todo.discard(i)
         keys = ("obs", "action", "logp", "reward", "next_obs", "terminated", "truncated")
-        out = {k: np.empty((self.T, n) + parts[0][k].shape[2:], np.float32) for k in keys}
+        out = {k: np.empty((self.T, n_task) + parts[0][k].shape[2:], np.float32) for k in keys}
         for res in parts.values():
-            for j, t in enumerate(res["task_indices"]):
+            for e, (t, j) in enumerate(zip(res["task_indices"], res["env_indices"])):
                 for k in keys:
-                    out[k][t] = res[k][j]
+                    out[k][t, j * n:(j + 1) * n] = res[k][e]
+                out["truncated"][t, (j + 1) * n - 1] = 1.0
                 self.task_steps[t] += n
             for t, ret, succ, _length in res["episodes"]:
                 self.recent_ret[t].append(ret)

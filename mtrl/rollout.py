@@ -1,15 +1,23 @@
-"""Rollout workers: each owns the environments of a slice of the tasks and a CPU copy of the policy.
+"""Rollout workers: each owns a share of the environments and a CPU copy of the policy.
 
 ``RolloutWorker`` is a plain class. ``WorkerPool`` runs N of them as Ray actors (``--workers N``) or one in the
 learner's process (``--workers 0``); the training loop talks only to the pool. Transitions travel in chunks of
-``chunk_steps`` per task (a Ray round-trip costs ~1 ms, so per-step calls would cap collection at ~1k steps/s).
+``chunk_steps`` per environment (a Ray round-trip costs ~1 ms, so per-step calls would cap collection at ~1k
+steps/s).
+
+Environment slots (issue 13): each of the T tasks has ``envs_per_task`` = N environments, the T x N slots
+(task t, env j). :func:`split_envs` deals them round-robin to the workers, so workers may outnumber the tasks (a
+worker then owns some of a task's envs) and a task's envs may sit on several workers. A worker steps all its envs
+as one vector step: ONE batched policy call for all of them, then each env in turn (what gymnasium's
+``SyncVectorEnv`` does, but keeping the true final observation and the per-env episode bookkeeping). Each task is
+evaluated by the one worker holding its env j = 0.
 """
 
 from __future__ import annotations
 
 import copy
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import gymnasium as gym
@@ -25,12 +33,12 @@ class WorkerSpec:
 
     suite: Optional[str]
     tasks: List[str]  # custom Meta-World list, or [] for a named suite
-    task_indices: List[int]
+    task_indices: List[int]  # per owned env: its task (a task repeats when the worker holds several of its envs)
     goal_seed: int
-    env_seeds: List[int]  # one per owned task, from the run's SeedSequence
+    env_seeds: List[int]  # one per owned env, from the run's SeedSequence
     policy_seed: int
-    learning_starts: int  # per task: uniform random actions before this many steps
-    start_steps: List[int]  # per owned task: env steps already taken (non-zero when resuming)
+    learning_starts: int  # per env: uniform random actions before this many of its steps
+    start_steps: List[int]  # per owned env: env steps already taken (non-zero when resuming)
     backbone: str
     backbone_kwargs: Dict[str, Any]
     log_std_min: float
@@ -38,6 +46,7 @@ class WorkerSpec:
     name: str = "worker"
     pid_dir: Optional[str] = None  # write <pid_dir>/<name>.pid (for operators and the fault tests)
     fault: str = ""  # fault injection for tests: "reset:<task>" (env raises on every reset), "nan_reward:<task>"
+    env_indices: List[int] = field(default_factory=list)  # per owned env: j in 0..N-1 within its task ([] = all 0)
 
 
 class EnvError(RuntimeError):
@@ -65,6 +74,8 @@ class RolloutWorker:
         self.suite = get_suite(spec.suite, spec.tasks or None)
         s = self.suite
         self.task_indices = list(spec.task_indices)
+        self.env_indices = list(spec.env_indices) or [0] * len(self.task_indices)
+        self.eval_tasks = [t for t, j in zip(self.task_indices, self.env_indices) if j == 0]
         self.names = [s.tasks[t].name for t in self.task_indices]
         self.envs = [make_env(s.tasks[t], s.obs_dim, s.act_dim, goal_seed=spec.goal_seed, seed=seed)
                      for t, seed in zip(self.task_indices, spec.env_seeds)]
@@ -179,14 +190,15 @@ class RolloutWorker:
                 nxt[i, s], rew[i, s], te, _ = self._step_env(i, a[i], episodes)
                 term[i, s] = float(te)
             self.steps += 1
-        return {"task_indices": self.task_indices, "obs": obs, "action": act, "reward": rew, "next_obs": nxt,
-                "terminated": term, "episodes": episodes, "steps": k * n_steps}
+        return {"task_indices": self.task_indices, "env_indices": self.env_indices, "obs": obs, "action": act,
+                "reward": rew, "next_obs": nxt, "terminated": term, "episodes": episodes, "steps": k * n_steps}
 
     def evaluate(self, num_episodes: int, eval_seed: int,
                  weights: Optional[Dict[str, np.ndarray]] = None) -> Dict[int, Dict[str, float]]:
         """Deterministic policy on fresh evaluation envs. Meta-World: metaworld's own protocol helper (success if
         ``info["success"]`` is ever 1; with 50 episodes each of the task's 50 goals exactly once). DMC: mean return.
         ``weights``: evaluate these instead of the collection policy, which stays as it is (a copy holds them).
+        Only the tasks whose env j = 0 this worker holds (``eval_tasks``): each task is evaluated once per run.
         """
         from .evaluation import evaluate_tasks
 
@@ -196,14 +208,22 @@ class RolloutWorker:
                 self._eval_policy = copy.deepcopy(self.policy)
             policy = self._eval_policy
             policy.load_state_dict({k: torch.tensor(v) for k, v in weights.items()})
-        return evaluate_tasks(self.suite, self.task_indices, policy, self.mask, num_episodes,
+        if not self.eval_tasks:
+            return {}
+        mask = torch.as_tensor(self.suite.action_mask[self.eval_tasks], dtype=torch.float32)
+        return evaluate_tasks(self.suite, self.eval_tasks, policy, mask, num_episodes,
                               goal_seed=self.spec.goal_seed, eval_seed=eval_seed)
 
 
-def split_tasks(num_tasks: int, num_workers: int) -> List[List[int]]:
-    """Round-robin slices, so slow and fast tasks mix across workers."""
-    n = max(1, min(num_workers, num_tasks))
-    return [list(range(i, num_tasks, n)) for i in range(n)]
+def split_envs(num_tasks: int, num_workers: int, envs_per_task: int = 1) -> List[List[Tuple[int, int]]]:
+    """The T x N env slots (task, env index) dealt round-robin to ``num_workers`` workers (>= 1), env-major
+    (slot s = j * T + t), so slow and fast tasks mix across workers and a task's envs spread over them. With N = 1
+    and W <= T, worker i holds tasks i, i + W, ... as before issue 13. More workers than slots is an error."""
+    slots = [(s % num_tasks, s // num_tasks) for s in range(num_tasks * envs_per_task)]
+    if not 1 <= num_workers <= len(slots):
+        raise ValueError(f"{num_workers} workers for {len(slots)} env slots ({num_tasks} tasks x {envs_per_task} "
+                         "envs per task); valid: 1 to the number of slots")
+    return [slots[i::num_workers] for i in range(num_workers)]
 
 
 class _Ready:

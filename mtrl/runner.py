@@ -1,10 +1,17 @@
 """The off-policy training loop: Ray rollout workers -> per-task replay -> MT-SAC learner (design.md §3).
 
 Workers collect continuously (one ``collect`` call in flight per worker); the learner keeps a fixed
-update-to-data ratio — ``sac.updates_per_step`` updates per vector step (one env step of every task) once every
-task has ``sac.learning_starts`` random-action steps. A worker's next chunk is only requested while collection is
-less than ``max_lag_steps`` ahead of that ratio, so a slow learner throttles collection instead of falling behind.
-Weights go to the workers every ``weight_sync_every`` updates.
+update-to-data ratio — ``sac.updates_per_step`` updates per vector step (one env step of every environment: T x
+``envs_per_task`` env steps; with N envs per task that is N times fewer updates per env step than with one, so
+``updates_per_step=N`` keeps the replay ratio of N = 1) once every task has ``sac.learning_starts`` random-action
+steps. A worker's next chunk is only requested while collection is less than ``max_lag_steps`` ahead of that
+ratio, so a slow learner throttles collection instead of falling behind. Weights go to the workers every
+``weight_sync_every`` updates.
+
+Every task gets its share (issue 13): a worker may start its next chunk only when no worker has delivered fewer
+chunks than it, so delivered chunk counts differ by at most one between workers and per-task env steps stay within
+one chunk (``chunk_steps`` x the task's envs) of each other; a faster worker waits. ``rollout/env_steps_spread``
+logs the max - min of per-task env steps.
 """
 
 from __future__ import annotations
@@ -31,21 +38,30 @@ class Trainer(BaseTrainer):
     def warm_steps(self) -> int:
         return self.T * self.cfg.sac.learning_starts
 
+    @property
+    def vector_step(self) -> int:
+        """Env steps in one vector step of all environments (T x envs_per_task)."""
+        return self.T * self.cfg.envs_per_task
+
     def target_updates(self) -> int:
-        return int(max(0, self.env_steps - self.warm_steps) * self.cfg.sac.updates_per_step / self.T)
+        return int(max(0, self.env_steps - self.warm_steps) * self.cfg.sac.updates_per_step / self.vector_step)
 
     def lag(self) -> float:
         """Env steps collected beyond what the update-to-data ratio has consumed."""
-        consumed = self.warm_steps + self.updates * self.T / self.cfg.sac.updates_per_step
+        consumed = self.warm_steps + self.updates * self.vector_step / self.cfg.sac.updates_per_step
         return self.env_steps - consumed
 
     def max_lag(self) -> float:
         if self.cfg.max_lag_steps > 0:
             return self.cfg.max_lag_steps
-        return max(2 * self.cfg.chunk_steps * self.T, 2 * self.T / self.cfg.sac.updates_per_step)
+        return max(2 * self.cfg.chunk_steps * self.vector_step, 2 * self.vector_step / self.cfg.sac.updates_per_step)
 
     def _may_submit(self, total_steps: int) -> bool:
         return self.env_steps < total_steps and (self.env_steps < self.warm_steps or self.lag() < self.max_lag())
+
+    def _my_turn(self, i: int) -> bool:
+        """Worker ``i`` is not ahead: no worker has delivered fewer chunks (the equal-share rule)."""
+        return self.chunks_done[i] <= min(self.chunks_done)
 
     def run_until(self, total_steps: int, progress: Optional[Progress] = None) -> None:
         """Collect and learn until ``total_steps`` env steps; periodic evaluation and checkpoints on the way."""
@@ -53,7 +69,7 @@ class Trainer(BaseTrainer):
         assert pool is not None, "call start() first"
         while True:
             for i in pool.idle():
-                if self._may_submit(total_steps):
+                if self._may_submit(total_steps) and self._my_turn(i):
                     pool.submit_collect(i, cfg.chunk_steps)
             due = self.target_updates() > self.updates and self.learner.can_update()
             if not due and not pool.pending:
@@ -63,6 +79,7 @@ class Trainer(BaseTrainer):
                     self._worker_failed(i, result.message)
                     continue
                 self.failures_in_a_row[i] = 0
+                self.chunks_done[i] += 1
                 n = self._ingest(result)
                 if progress is not None:
                     progress.update(n, updates=self.updates)

@@ -1,12 +1,16 @@
 #!/usr/bin/env python
 """Collection throughput: raw gymnasium vector env vs our Ray rollout workers, measured side by side in one run.
 
-    python scripts/bench_rollout.py --suite mt10 --workers 1,2 --seconds 20
+    python scripts/bench_rollout.py --suite mt1-reach-v3 --workers 1,2 --envs-per-task 1,4 --cluster
 
-With --learner it also runs the real training loop and prints the learner's updates/s while collecting.
-For each worker count N it prints transitions/s delivered to the learner's process and the ratio to N x the raw
-single-core rate (goal: >= 0.85 per core used). Workers run the real policy (3x400 MLP, batch = their envs) unless
---random-actions; the raw loop steps a ``gymnasium.vector.SyncVectorEnv`` of the same envs with random actions.
+For each envs-per-task N it steps a raw ``gymnasium.vector.SyncVectorEnv`` of the suite's T x N envs with random
+actions on one core (the simulator's own rate); for each (workers W, N) it runs W Ray rollout workers holding the
+T x N envs (``mtrl.rollout.split_envs``, as training does) with the real policy in the loop (the 3x400 MLP actor,
+one batched call per vector step; ``--random-actions`` skips it) and prints env steps/s delivered to the learner's
+process, steps/s per core and the ratio to the raw one-core rate of the same N. ``--cluster`` repeats the largest
+(W, N) on a loopback two-node Ray cluster (``ray.cluster_utils.Cluster``: a head and a second node on this host,
+one CPU each) and prints which node each worker ran on and its share of the steps. ``--learner`` also runs the
+real training loop and prints the learner's updates/s while collecting.
 """
 
 from __future__ import annotations
@@ -15,63 +19,81 @@ import argparse
 import os
 import sys
 import time
+from collections import Counter
 from pathlib import Path
+from typing import Dict, List, Tuple
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-def raw_rate(suite, seconds: float) -> float:
+def raw_rate(suite, envs_per_task: int, seconds: float) -> float:
+    """Random actions through a SyncVectorEnv of every task's ``envs_per_task`` envs, in this process (one core)."""
     import gymnasium as gym
     import numpy as np
 
     from envs import make_env
 
+    tasks = [t for _ in range(envs_per_task) for t in suite.tasks]
     envs = gym.vector.SyncVectorEnv(
-        [lambda t=t: make_env(t, suite.obs_dim, suite.act_dim, goal_seed=0, seed=i) for i, t in enumerate(suite.tasks)],
+        [lambda t=t, i=i: make_env(t, suite.obs_dim, suite.act_dim, goal_seed=0, seed=i) for i, t in enumerate(tasks)],
         autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
     envs.reset(seed=0)
     rng = np.random.default_rng(0)
     n, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
-        envs.step(rng.uniform(-1, 1, (suite.num_tasks, suite.act_dim)).astype(np.float32))
-        n += suite.num_tasks
+        envs.step(rng.uniform(-1, 1, (len(tasks), suite.act_dim)).astype(np.float32))
+        n += len(tasks)
     rate = n / (time.perf_counter() - t0)
     envs.close()
     return rate
 
 
-def ray_rate(suite, workers: int, seconds: float, chunk: int, random_actions: bool) -> float:
+def _node_of(worker) -> str:
+    import ray
+
+    return ray.get(worker.__ray_call__.remote(lambda self: ray.get_runtime_context().get_node_id()))
+
+
+def ray_rate(suite, workers: int, envs_per_task: int, seconds: float, chunk: int, random_actions: bool
+             ) -> Tuple[float, Dict[str, int]]:
+    """Env steps/s delivered by ``workers`` Ray workers holding the T x N envs, and env steps per Ray node."""
     import numpy as np
 
     from agents.sac import MTSAC
     from mtrl.config import SACConfig
-    from mtrl.rollout import WorkerPool, WorkerSpec, split_tasks
+    from mtrl.rollout import WorkerPool, WorkerSpec, split_envs
 
-    specs = [WorkerSpec(suite=suite.name, tasks=[], task_indices=sl, goal_seed=0, env_seeds=list(range(len(sl))),
-                        policy_seed=i, learning_starts=10**12 if random_actions else 0, start_steps=[0] * len(sl),
-                        backbone="mlp", backbone_kwargs={}, log_std_min=-20.0, log_std_max=2.0)
-             for i, sl in enumerate(split_tasks(suite.num_tasks, workers))]
+    slots = split_envs(suite.num_tasks, workers, envs_per_task)
+    specs = [WorkerSpec(suite=suite.name, tasks=[], task_indices=[t for t, _ in sl], goal_seed=0,
+                        env_seeds=[100 * i + k for k in range(len(sl))], policy_seed=i,
+                        learning_starts=10**12 if random_actions else 0, start_steps=[0] * len(sl), backbone="mlp",
+                        backbone_kwargs={}, log_std_min=-20.0, log_std_max=2.0, env_indices=[j for _, j in sl])
+             for i, sl in enumerate(slots)]
     pool = WorkerPool(specs, use_ray=True)
-    agent = MTSAC(suite.obs_dim, suite.act_dim, suite.num_tasks, suite.action_mask, SACConfig())
-    pool.broadcast(agent.policy_state())
-    for i in pool.idle():  # warm-up round (first calls pay imports and allocation)
-        pool.submit_collect(i, 5)
-    while pool.pending:
-        pool.ready(block=True)
-    n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        for i in pool.idle():
-            pool.submit_collect(i, chunk)
-        for _, res in pool.ready(block=True):
-            n += int(res["steps"])
-            np.asarray(res["obs"]).sum()  # touch the data in the learner's process
-    rate = n / (time.perf_counter() - t0)
-    pool.shutdown()
-    return rate
+    try:
+        agent = MTSAC(suite.obs_dim, suite.act_dim, suite.num_tasks, suite.action_mask, SACConfig())
+        pool.broadcast(agent.policy_state())
+        nodes = [_node_of(w) for w in pool.workers]
+        for i in pool.idle():  # warm-up round (first calls pay imports and allocation)
+            pool.submit_collect(i, 5)
+        while pool.pending:
+            pool.ready(block=True)
+        per_node: Counter = Counter()
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            for i in pool.idle():
+                pool.submit_collect(i, chunk)
+            for i, res in pool.ready(block=True):
+                n += int(res["steps"])
+                per_node[nodes[i]] += int(res["steps"])
+                np.asarray(res["obs"]).sum()  # touch the data in the learner's process
+        return n / (time.perf_counter() - t0), dict(per_node)
+    finally:
+        pool.shutdown()
 
 
-def learner_rate(suite, workers: int, seconds: float):
+def learner_rate(suite, workers: int, envs_per_task: int, seconds: float):
     """The real training loop (MT-SAC 3x400, batch 128/task) with ``workers`` Ray workers: updates/s and env
     steps/s while collection overlaps the updates, after the random-action warm-up."""
     import tempfile
@@ -79,54 +101,91 @@ def learner_rate(suite, workers: int, seconds: float):
     from mtrl.config import Config
     from mtrl.runner import Trainer
 
-    cfg = Config(suite=suite.name, workers=workers, eval_every=0, checkpoint_every=0, progress=False)
+    cfg = Config(suite=suite.name, workers=workers, envs_per_task=envs_per_task, eval_every=0, checkpoint_every=0,
+                 progress=False)
     cfg.sac.learning_starts = 200
     tr = Trainer(cfg, Path(tempfile.mkdtemp(prefix="bench_")))
     tr.start()
     try:
-        tr.run_until(tr.warm_steps + 2 * cfg.chunk_steps * suite.num_tasks)
+        tr.run_until(tr.warm_steps + 2 * cfg.chunk_steps * tr.vector_step)
         t0, u0, s0 = time.perf_counter(), tr.updates, tr.env_steps
         while time.perf_counter() - t0 < seconds:
-            tr.run_until(tr.env_steps + cfg.chunk_steps * suite.num_tasks)
+            tr.run_until(tr.env_steps + cfg.chunk_steps * tr.vector_step)
         dt = time.perf_counter() - t0
         return (tr.updates - u0) / dt, (tr.env_steps - s0) / dt
     finally:
         tr.close()
 
 
+def _ints(text: str) -> List[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--suite", default="mt10")
+    p.add_argument("--suite", default="mt1-reach-v3")
     p.add_argument("--workers", default="1,2", help="comma-separated worker counts")
+    p.add_argument("--envs-per-task", default="1,4", help="comma-separated environments per task")
     p.add_argument("--seconds", type=float, default=15.0, help="measurement time per configuration")
-    p.add_argument("--chunk", type=int, default=50, help="env steps per task per worker call")
+    p.add_argument("--chunk", type=int, default=50, help="env steps per environment per worker call")
     p.add_argument("--random-actions", action="store_true", help="workers skip the policy forward")
+    p.add_argument("--cluster", action="store_true", help="also run the largest (workers, envs-per-task) on a "
+                   "loopback two-node Ray cluster (head + one node on this host, one CPU each)")
     p.add_argument("--learner", action="store_true", help="also run the real training loop: learner updates/s "
-                   "while collecting, per worker count")
+                   "while collecting, per (workers, envs-per-task)")
     a = p.parse_args()
 
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_worker_niceness", "0")  # as mtrl.cluster: workers are the learner's supply
+    os.environ["PYTHONPATH"] = os.pathsep.join(x for x in (str(ROOT), os.environ.get("PYTHONPATH", "")) if x)
     import ray
+    import torch
 
     from envs import get_suite
 
+    torch.set_num_threads(1)  # the raw loop and the driver: one core, as each worker
     suite = get_suite(a.suite)
-    counts = [int(x) for x in a.workers.split(",")]
+    counts, per_task = _ints(a.workers), _ints(a.envs_per_task)
+    grid = [(w, n) for n in per_task for w in counts if w <= suite.num_tasks * n]
     cpus = max(os.cpu_count() or 1, max(counts))
-    ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
-    raw = raw_rate(suite, a.seconds)
-    print(f"suite {suite.name} ({suite.num_tasks} tasks), {os.cpu_count()} cores, chunk {a.chunk}, "
-          f"{'random actions' if a.random_actions else 'policy actions (3x400 MLP)'} in workers")
-    print(f"raw SyncVectorEnv, 1 core:           {raw:9.0f} steps/s")
-    for n in counts:
-        r = ray_rate(suite, n, a.seconds, a.chunk, a.random_actions)
-        print(f"Ray workers={n}:                       {r:9.0f} steps/s   ratio per core = {r / (n * raw):.2f}")
-    if a.learner:
-        for n in counts:
-            ups, fps = learner_rate(suite, n, a.seconds)
-            print(f"training loop, workers={n}:            {ups:9.2f} updates/s, {fps:7.0f} env steps/s consumed "
-                  f"(updates_per_step 1: one update per {suite.num_tasks} env steps)")
-    ray.shutdown()
+    policy = "random actions" if a.random_actions else "policy actions (3x400 MLP, one call per vector step)"
+    print(f"suite {suite.name} ({suite.num_tasks} tasks), {os.cpu_count()} cores, chunk {a.chunk}, {policy} in "
+          "workers")
+    raw = {n: raw_rate(suite, n, a.seconds) for n in per_task}
+    for n in per_task:
+        print(f"raw SyncVectorEnv, {suite.num_tasks * n} envs ({n}/task), random actions, 1 core: "
+              f"{raw[n]:9.0f} steps/s")
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+    rates = {}
+    try:
+        for w, n in grid:
+            r, _ = ray_rate(suite, w, n, a.seconds, a.chunk, a.random_actions)
+            rates[w, n] = r
+            print(f"Ray workers={w} envs-per-task={n}: {r:9.0f} steps/s, {r / w:8.0f} per core, "
+                  f"per core / raw({n}/task) = {r / (w * raw[n]):.2f}, vs workers={min(counts)}: "
+                  f"{r / rates.get((min(counts), n), r):.2f}x")
+        if a.learner:
+            for w, n in grid:
+                ups, fps = learner_rate(suite, w, n, a.seconds)
+                print(f"training loop, workers={w} envs-per-task={n}: {ups:9.2f} updates/s, {fps:7.0f} env steps/s "
+                      f"consumed (updates_per_step 1: one update per {suite.num_tasks * n} env steps)")
+    finally:
+        ray.shutdown()
+    if a.cluster and grid:
+        from ray.cluster_utils import Cluster
+
+        w, n = grid[-1]
+        cluster = Cluster(initialize_head=True, connect=True, head_node_args={"num_cpus": 1})
+        try:
+            cluster.add_node(num_cpus=1)
+            cluster.wait_for_nodes()
+            r, per_node = ray_rate(suite, w, n, a.seconds, a.chunk, a.random_actions)
+            shares = ", ".join(f"node {k[:8]}: {v / sum(per_node.values()):.0%}" for k, v in per_node.items())
+            print(f"two-node loopback cluster, workers={w} envs-per-task={n}: {r:9.0f} steps/s over "
+                  f"{len(per_node)} node(s) ({shares})")
+        finally:
+            ray.shutdown()
+            cluster.shutdown()
     return 0
 
 

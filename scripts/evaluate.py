@@ -147,12 +147,15 @@ def build_policy(cfg, suite, payload: Dict[str, Any]):
 def eval_slices(cfg, num_tasks: int, indices: List[int]) -> List[List[int]]:
     """Batches of tasks evaluated together: the training run's rollout-worker slices (each worker evaluates its own
     tasks as one vector env), restricted to ``indices``. Same batches as training -> bit-identical actions."""
-    from mtrl.rollout import split_tasks
+    from mtrl.rollout import split_envs
 
     if cfg.method == "stl":
         return [[t] for t in indices]  # mtrl.stl evaluates each task on its own
-    slices = split_tasks(num_tasks, cfg.workers) if cfg.workers > 0 else [list(range(num_tasks))]
-    out = [[t for t in sl if t in indices] for sl in slices]
+    n = cfg.envs_per_task
+    # A worker evaluates the tasks whose env 0 it holds (mtrl/rollout.py); runs from before issue 13 capped
+    # --workers at the number of tasks.
+    slots = split_envs(num_tasks, min(max(1, cfg.workers), num_tasks * n), n)
+    out = [[t for t, j in sl if j == 0 and t in indices] for sl in slots]
     return [sl for sl in out if sl]
 
 

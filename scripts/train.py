@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--seed", type=int)
     a("--total-steps", type=int, help="env steps summed over all tasks (MT10 at 2M/task: 20000000)")
     a("--workers", type=int, help="Ray rollout actors; 0 = one in-process worker (default 2)")
+    a("--envs-per-task", type=int, help="environments per task, spread over the workers (default 1); --workers "
+                                        "may then go up to tasks x envs-per-task")
     a("--worker-cpus", type=float, help="CPUs reserved per Ray worker (default 1)")
     a("--device", help="learner device: auto, cpu, cuda (default auto)")
     a("--run-dir", help="run directory (default runs/<suite>_<method>_<backbone>_s<seed>_<time>)")
@@ -71,15 +73,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 FLAG_KEYS = ["suite", "method", "algo", "backbone", "critic_backbone", "seed", "total_steps", "workers",
-             "worker_cpus", "device", "run_dir", "eval_every", "eval_episodes", "checkpoint_every", "address"]
+             "worker_cpus", "device", "run_dir", "eval_every", "eval_episodes", "checkpoint_every", "address",
+             "envs_per_task"]
 # What may change when resuming: budgets and placement, not what is being trained.
 RESUME_MUTABLE = {"total_steps", "workers", "worker_cpus", "device", "eval_every", "eval_episodes",
                   "checkpoint_every", "address", "progress"}
 
 
 def make_config(args: argparse.Namespace):
-    from mtrl.config import (CONFIG_DIR, Config, ConfigError, apply_mapping, load_preset, load_yaml, set_key,
-                             suite_budget)
+    from mtrl.config import (CONFIG_DIR, Config, ConfigError, apply_mapping, fit_default_workers, load_preset,
+                             load_yaml, set_key, suite_budget)
 
     cfg = Config()
     apply_mapping(cfg, load_yaml(CONFIG_DIR / "default.yaml"), "configs/default.yaml")
@@ -120,6 +123,9 @@ def make_config(args: argparse.Namespace):
         cfg.progress = False
     for s in args.set:
         set_key(cfg, s)
+    if args.workers is None and "workers" not in sets and "workers" not in file_data and \
+            "workers" not in (preset_data or {}):
+        fit_default_workers(cfg)  # issue 13: an explicit --workers above the env slots is an error instead
     return cfg
 
 

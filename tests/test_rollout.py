@@ -4,7 +4,7 @@ import pytest
 from agents.sac import MTSAC
 from envs import get_suite
 from mtrl.config import SACConfig
-from mtrl.rollout import RolloutWorker, WorkerPool, WorkerSpec, split_tasks
+from mtrl.rollout import RolloutWorker, WorkerPool, WorkerSpec, split_envs
 
 
 def _spec(suite, tasks, indices, learning_starts=0, seed=0):
@@ -14,10 +14,15 @@ def _spec(suite, tasks, indices, learning_starts=0, seed=0):
                       log_std_min=-20.0, log_std_max=2.0)
 
 
-def test_split_tasks_round_robin_covers_every_task_once():
-    sl = split_tasks(10, 3)
-    assert sorted(t for s in sl for t in s) == list(range(10))
-    assert split_tasks(2, 5) == [[0], [1]]
+def test_split_envs_round_robin_covers_every_env_slot_once():
+    sl = split_envs(10, 3)
+    assert [[t for t, _ in s] for s in sl] == [list(range(i, 10, 3)) for i in range(3)]  # as before issue 13
+    sl = split_envs(2, 3, envs_per_task=4)  # more workers than tasks: a task's envs spread over them
+    assert sorted(x for s in sl for x in s) == [(t, j) for t in range(2) for j in range(4)]
+    assert [len(s) for s in sl] == [3, 3, 2] and all(len({t for t, _ in s}) == 2 for s in sl)
+    assert split_envs(1, 2, 4) == [[(0, 0), (0, 2)], [(0, 1), (0, 3)]]
+    with pytest.raises(ValueError, match="3 workers for 2 env slots"):
+        split_envs(2, 3)
 
 
 def test_worker_truncation_keeps_true_final_observation():
@@ -43,7 +48,7 @@ def test_random_actions_then_policy_actions_respect_padding_mask():
 @pytest.mark.ray
 def test_two_ray_workers_deliver_transitions_from_every_task(ray_local):
     s = get_suite("mt10")
-    specs = [_spec("mt10", [], sl, seed=i) for i, sl in enumerate(split_tasks(10, 2))]
+    specs = [_spec("mt10", [], [t for t, _ in sl], seed=i) for i, sl in enumerate(split_envs(10, 2))]
     pool = WorkerPool(specs, use_ray=True)
     try:
         agent = MTSAC(s.obs_dim, s.act_dim, 10, s.action_mask, SACConfig(), backbone_kwargs={"width": 16, "depth": 1})
