@@ -54,6 +54,13 @@ def test_workers_above_the_env_slots_are_refused_not_capped(tmp_path, capsys):
     rc, _ = _run(tmp_path, "ppo", "--suite", "dmc-walker", "--algo", "ppo", "--envs-per-task", "3",
                  "--set", "ppo.rollout_steps=20", "--set", "ppo.minibatches=4")
     assert rc == 2 and "not a multiple of envs-per-task=3" in capsys.readouterr().err
+    rc, _ = _run(tmp_path, "ctx", "--suite", "mt10", "--envs-per-task", "2", "--backbone", "t2mir",
+                 "--set", "backbone_kwargs.use_task_id=false")
+    assert rc == 2 and "cannot run with a backbone that reads contexts" in capsys.readouterr().err
+    # Only an explicit --workers is refused: the default 2 becomes 1 on a one-task suite.
+    assert train.make_config(train.build_parser().parse_args(["--suite", "mt1-reach-v3"])).workers == 1
+    assert train.make_config(train.build_parser().parse_args(["--suite", "mt1-reach-v3", "--envs-per-task",
+                                                              "4"])).workers == 2
 
 
 def test_envs_per_task_4_resume_is_bit_identical_with_in_process_worker(tmp_path):
