@@ -113,7 +113,9 @@ class BaseTrainer:
         env_seq, pol_seq = self._seed_seq.spawn(1)[0].spawn(2)
         tasks = [t for t, _ in slots]
         return WorkerSpec(
-            suite=s.name if s.name != "custom" else None, tasks=list(cfg.tasks), task_indices=tasks,
+            # A suite registered from Python exists only in this process: its Suite (with the builders) travels.
+            suite=s if s.name in registered_suites() else (s.name if s.name != "custom" else None),
+            tasks=list(cfg.tasks), task_indices=tasks,
             goal_seed=cfg.seed, env_seeds=[int(x) for x in env_seq.generate_state(len(slots))],
             policy_seed=int(pol_seq.generate_state(1)[0]), learning_starts=-(-cfg.sac.learning_starts // n),
             start_steps=[int(self.task_steps[t]) // n for t in tasks], backbone=cfg.backbone,

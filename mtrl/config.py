@@ -56,7 +56,6 @@ class SACConfig:
     task_weights: bool = False
 
 
-
 @dataclass
 class PPOConfig:
     """Multi-task PPO (issue 5; Schulman et al. 2017). Defaults: Meta-World+ PPO baseline (McLean et al. 2025,
@@ -490,14 +489,6 @@ def _validate_ppo(cfg: Config) -> None:
                           "ppo: any gradient method (mtsac, pcgrad, ...)")
 
 
-def to_dict(cfg: Any) -> Dict[str, Any]:
-    return dataclasses.asdict(cfg)
-
-
-def from_dict(data: Dict[str, Any]) -> Config:
-    cfg = Config()
-    apply_mapping(cfg, data, "saved config")
-    return cfg
 def _validate_together(cfg: Config, suite: Any) -> None:
     """Settings whose values cannot work together (issue 13): the SAC replay against one batch and the random
     warm-up, and evaluation episodes against the 50 goals of a Meta-World task."""
@@ -516,3 +507,13 @@ def _validate_together(cfg: Config, suite: Any) -> None:
     if suite.has_success and cfg.eval_episodes > mw_goals:
         raise ConfigError(f"eval_episodes={cfg.eval_episodes} exceeds the {mw_goals} goals of a Meta-World task (one "
                           f"episode per goal); valid: 1..{mw_goals}")
+
+
+def to_dict(cfg: Any) -> Dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(data: Dict[str, Any]) -> Config:
+    cfg = Config()
+    apply_mapping(cfg, data, "saved config")
+    return cfg
