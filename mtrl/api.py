@@ -1,6 +1,6 @@
 """The Python API beside the scripts (README *Python API*): ``mtrl.train``, ``mtrl.load``, ``mtrl.evaluate``.
 
-``train`` goes through the very functions of ``scripts/train.py`` (the same Config layers, checks and run
+``train`` goes through the very functions of ``scripts/train.py`` (``mtrl/train_cli.py``) (the same Config layers, checks and run
 directory; bad settings raise ``mtrl.config.ConfigError`` with the CLI's one line instead of exiting 2), and
 ``evaluate`` through those of ``scripts/evaluate.py`` (the training-time protocol). ``load`` rebuilds a run's policy
 (``evaluate.py``'s loader) and wraps it in :class:`Policy`, whose ``act(obs, task)`` takes a task's own observation
@@ -9,30 +9,20 @@ and returns its own action, on the CPU or a GPU.
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
-import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
-_ROOT = Path(__file__).resolve().parent.parent
 # Given as flags, because scripts/train.py reads them before the --set layer (preset, suite budget, resume).
 _FLAGS = ("suite", "method", "tasks", "config", "resume")
 
 
 def _script(name: str) -> Any:
-    """``scripts/<name>.py`` as a module (the scripts are the one place their logic lives)."""
-    mod_name = f"mtrl_script_{name}"
-    if mod_name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(mod_name, _ROOT / "scripts" / f"{name}.py")
-        if spec is None or spec.loader is None:  # pragma: no cover - a broken checkout
-            raise ImportError(f"scripts/{name}.py is missing from {_ROOT}")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[mod_name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[mod_name]
+    """The logic of ``scripts/<name>.py`` (``mtrl/<name>_cli.py``)."""
+    return importlib.import_module(f"mtrl.{name}_cli")
 
 
 def _flatten(settings: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
