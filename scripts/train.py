@@ -1,8 +1,7 @@
 #!/usr/bin/env python
 """Train one multi-task agent: ``python scripts/train.py --suite mt10 --method mtsac``.
 
-Bad input (unknown flag, suite, task, method, backbone, config key, bad value, missing resume dir) prints ONE line
-naming the value and the valid choices and exits with code 2, before any run directory is created.
+The logic (and every option's description) is in ``mtrl/train_cli.py``.
 """
 
 from __future__ import annotations
