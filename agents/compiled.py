@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Any, Callable, Iterable, List, Optional
+from typing import Any, Callable, Iterable, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -46,15 +46,19 @@ class Compiled:
     ``reset`` runs before the eager retry (e.g. re-zeroing gradient buffers the failed attempt may have written).
     """
 
-    def __init__(self, fn: Callable, mode: str, name: str, reset: Optional[Callable[[], None]] = None) -> None:
+    def __init__(self, fn: Callable, mode: str, name: str, reset: Optional[Callable[[], None]] = None,
+                 fullgraph: bool = False, fallback: Optional[Tuple[Callable, str]] = None) -> None:
+        """``fullgraph``: one graph or a failure (then nothing of it has run, so ``fallback`` can redo the call);
+        ``fallback``: (what to run instead of ``fn`` after a failure, its name for the note)."""
         self.fn, self.name, self.reset = fn, name, reset
+        self.fallback = fallback
         self.mode = mode
         # Dynamo's guards re-check the modules at every call (~0.25 ms a call here). Skipping them
         # (torch.compiler.skip_guard_on_all_nn_modules_unsafe) was tried and is wrong: two agents in one process
         # share the method's code object, so the second one ran the first one's graph (a 3 x 8 graph on 3 x 400
         # weights).
         self.compiled: Optional[Callable] = torch.compile(fn, mode=None if mode == "default" else mode,
-                                                          dynamic=False)
+                                                          dynamic=False, fullgraph=fullgraph)
         self.first = True
         self.seconds = 0.0
 
@@ -68,8 +72,11 @@ class Compiled:
             out = self.compiled(*args)
         except Exception as e:  # noqa: BLE001 - any compiler failure: eager is always correct
             self.compiled = None
+            instead = "running it eagerly"
+            if self.fallback is not None:
+                self.fn, instead = self.fallback[0], f"running {self.fallback[1]} instead"
             print(f"note: torch.compile of {self.name} failed ({type(e).__name__}: {str(e).splitlines()[0][:160]});"
-                  " running it eagerly", file=sys.stderr, flush=True)
+                  f" {instead}", file=sys.stderr, flush=True)
             if self.reset is not None:
                 self.reset()
             return self.fn(*args)

@@ -39,11 +39,32 @@ class FlatGrads:
         self.attach()
 
     def attach(self) -> None:
+        if len(self.params) == 1 and self.params[0].shape == self.buffer.shape:
+            # One 1-d tensor (log alpha): the buffer itself, not a view, so a compiled graph that reads both the
+            # buffer and the .grad sees one input rather than two aliasing ones (see :meth:`separate`).
+            self.params[0].grad = self.buffer
+            return
         i = 0
         for p in self.params:
             n = p.numel()
             p.grad = self.buffer[i:i + n].view_as(p)
             i += n
+
+    def separate(self) -> None:
+        """Give each parameter a ``.grad`` of its own (zeros), for the whole update compiled as one graph:
+        AOTAutograd cannot build guards for mutated graph inputs that are views of one buffer (torch 2.13: "sources
+        must not be empty for symbol ..."). Inside that graph the traced variants (``traced=True``) work on the
+        ``.grad`` list, where Inductor fuses them anyway; the eager path's :meth:`zero` attaches the views again."""
+        if len(self.params) == 1 and self.params[0].shape == self.buffer.shape:
+            if self.params[0].grad is not self.buffer:
+                self.attach()
+            return
+        if self.intact() or any(p.grad is None for p in self.params):
+            for p in self.params:
+                p.grad = torch.zeros_like(p)
+
+    def tensors(self) -> List[Tensor]:
+        return [p.grad for p in self.params]
 
     def intact(self) -> bool:
         """Every ``.grad`` is still a view of the buffer (host-side check of storage pointers; no device read)."""
@@ -51,25 +72,39 @@ class FlatGrads:
         hi = lo + self.buffer.numel() * self.buffer.element_size()
         return all(p.grad is not None and lo <= p.grad.data_ptr() < hi for p in self.params)
 
-    def zero(self) -> None:
+    def zero(self, traced: bool = False) -> None:
+        """``traced``: inside the one-graph update, on the separate ``.grad`` tensors (:meth:`separate`)."""
+        if traced:
+            torch._foreach_zero_(self.tensors())
+            return
         if not self.intact():
             self.attach()
         self.buffer.zero_()
 
-    def norm(self) -> Tensor:
+    def norm(self, traced: bool = False) -> Tensor:
+        if traced:
+            return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(self.tensors())))
         return torch.linalg.vector_norm(self.buffer)
 
-    def clip_(self, norm: Tensor, max_norm: float) -> None:
+    def clip_(self, norm: Tensor, max_norm: float, traced: bool = False) -> None:
         """Scale to at most ``max_norm`` (``nn.utils.clip_grad_norm_``'s rule, coefficient clamped at 1)."""
-        self.buffer.mul_((max_norm / (norm + 1e-6)).clamp(max=1.0))
+        coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        if traced:
+            torch._foreach_mul_(self.tensors(), coef)
+        else:
+            self.buffer.mul_(coef)
 
 
-def guarded_step(opt: torch.optim.Optimizer, ok: Tensor, grads: Optional[FlatGrads] = None) -> None:
+def guarded_step(opt: torch.optim.Optimizer, ok: Tensor, grads: Optional[FlatGrads] = None,
+                 traced: bool = False) -> None:
     """``opt.step()`` that leaves parameters and optimizer state untouched where ``ok`` (0-d bool) is False.
 
     Fused Adam skips on ``found_inf`` (:func:`fused_adam_step`). Where there is no fused kernel (the ``meta``
     device of the tests) the gradient is zeroed instead, which keeps the parameters finite but still moves
-    Adam's moments."""
+    Adam's moments. ``traced``: :func:`traced_adam_step` (inside one compiled update; the state must exist)."""
+    if traced:
+        traced_adam_step(opt, ok)
+        return
     if opt.defaults.get("fused"):
         fused_adam_step(opt, (~ok).to(torch.float32))
         return
@@ -85,9 +120,7 @@ def fused_adam_step(opt: torch.optim.Optimizer, found_inf: Tensor) -> None:
     any step whose parameters lack state (a fresh or reset optimizer), go through ``opt.step()`` itself."""
     g = opt.param_groups[0]
     params = [p for p in g["params"] if p.grad is not None]
-    simple = (len(opt.param_groups) == 1 and not (g["amsgrad"] or g["maximize"] or g.get("decoupled_weight_decay"))
-              and all(opt.state.get(p) for p in params) and len({(p.device, p.dtype) for p in params}) == 1)
-    if not simple:
+    if not plain_adam_ready(opt, params):
         opt.found_inf = found_inf
         opt.step()
         return
@@ -100,6 +133,50 @@ def fused_adam_step(opt: torch.optim.Optimizer, found_inf: Tensor) -> None:
                        beta2=float(beta2), weight_decay=g["weight_decay"], eps=g["eps"], maximize=False,
                        grad_scale=None, found_inf=found_inf)
     torch._foreach_sub_(steps, [found_inf] * len(steps))
+
+
+def plain_adam_ready(opt: torch.optim.Optimizer, params: Optional[List[Tensor]] = None) -> bool:
+    """One parameter group of plain Adam (no amsgrad, maximize or decoupled decay) whose parameters (default: those
+    with a ``.grad``) all have state already and share one device and dtype: what :func:`fused_adam_step` and
+    :func:`traced_adam_step` handle without ``opt.step()``."""
+    g = opt.param_groups[0]
+    if params is None:
+        params = [p for p in g["params"] if p.grad is not None]
+    return (len(opt.param_groups) == 1 and not (g["amsgrad"] or g["maximize"] or g.get("decoupled_weight_decay"))
+            and all(opt.state.get(p) for p in params) and len({(p.device, p.dtype) for p in params}) == 1)
+
+
+def traced_adam_step(opt: torch.optim.Optimizer, ok: Tensor) -> None:
+    """Adam's step (Kingma & Ba 2015, Algorithm 1, with PyTorch's placement of eps) in plain tensor ops, so that
+    ``torch.compile`` traces it into the same graph as the gradients (the fused kernel cannot be traced). It works
+    on the optimizer's own state tensors (``exp_avg``, ``exp_avg_sq``, ``step``), so checkpoints and the eager
+    fused path see the same state; where ``ok`` (0-d bool) is False, parameters, moments and the step counter stay
+    exactly as they were, as with fused Adam's ``found_inf``. Needs :func:`plain_adam_ready` (the state exists).
+
+    Per tensor: m <- lerp(m, g, 1 - b1); v <- b2 v + (1 - b2) g^2; s <- s + 1;
+    p <- p - lr / (1 - b1^s) * m / (sqrt(v) / sqrt(1 - b2^s) + eps)   (g += wd * p first with weight decay)."""
+    g = opt.param_groups[0]
+    beta1, beta2 = (float(b) for b in g["betas"])
+    lr, eps, wd = g["lr"], g["eps"], g["weight_decay"]
+    with torch.no_grad():
+        for p in g["params"]:
+            if p.grad is None:
+                continue
+            st = opt.state[p]
+            # A skipped step must leave everything bit-identical: select old values rather than scale by ok, since
+            # a non-finite gradient times 0 is still NaN.
+            grad = torch.where(ok, p.grad, torch.zeros_like(p.grad))
+            if wd:
+                grad = grad.add(p, alpha=wd)
+            step = st["step"] + 1
+            avg = st["exp_avg"].lerp(grad, 1 - beta1)
+            sq = st["exp_avg_sq"].mul(beta2).addcmul_(grad, grad, value=1 - beta2)
+            denom = (sq.sqrt() / (1 - torch.pow(beta2, step)).sqrt()).add_(eps)
+            new = p - (lr / (1 - torch.pow(beta1, step))) * avg / denom
+            p.copy_(torch.where(ok, new, p))
+            st["exp_avg"].copy_(torch.where(ok, avg, st["exp_avg"]))
+            st["exp_avg_sq"].copy_(torch.where(ok, sq, st["exp_avg_sq"]))
+            st["step"].add_(ok.to(st["step"].dtype))
 
 
 class NonFiniteMonitor:

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from agents import compiled
-from agents.optim import FlatGrads, NonFiniteMonitor, adam, guarded_step
+from agents.optim import FlatGrads, NonFiniteMonitor, adam, guarded_step, plain_adam_ready
 from mtrl.config import SACConfig
 from mtrl.devices import generator_state, restore_generator
 from mtrl.gradients import get_method, task_losses
@@ -170,16 +170,16 @@ def method_grads(module: nn.Module, method, loss_fn, batch, task_ids: Tensor, ta
 
 def apply_step(name: str, module: nn.Module, opt: torch.optim.Optimizer, method, info, loss_fn, batch,
                task_ids: Tensor, max_grad_norm: float, hooks, num_updates: int, grads: FlatGrads,
-               monitor: NonFiniteMonitor, extra: Optional[Dict[str, Any]] = None) -> bool:
+               monitor: NonFiniteMonitor, extra: Optional[Dict[str, Any]] = None, traced: bool = False) -> bool:
     """Given the gradient in ``grads``: finiteness (recorded in ``monitor``; a non-finite per-task loss or
     combined gradient makes the step a no-op on the device, ``guarded_step``), clipping, the optimizer step, the
     method's ``post_step`` and the modules' ``after_step`` hooks (which see the step's ``ok`` flag). No host
-    sync. Returns whether any hook changed buffers."""
-    norm = grads.norm()
+    sync. ``traced``: inside one compiled update (``guarded_step``). Returns whether any hook changed buffers."""
+    norm = grads.norm(traced)
     ok = monitor.record(name, info["losses"], torch.isfinite(norm))
     if max_grad_norm > 0:
-        grads.clip_(norm, max_grad_norm)
-    guarded_step(opt, ok, grads)
+        grads.clip_(norm, max_grad_norm, traced)
+    guarded_step(opt, ok, grads, traced)
     method.post_step()
     changed = False
     for m in hooks:
@@ -302,6 +302,8 @@ class MTSAC:
         self.alpha_grads = FlatGrads([self.log_alpha])
         wire_methods(self, num_tasks, method, method_kwargs, actor_method, seed)
         self._critic_grads, self._actor_grads = self.critic_grads, self.actor_grads
+        self._full: Optional[compiled.Compiled] = None  # the whole update in one graph (compile())
+        self._full_ready = False  # every optimizer has its state: the full graph can step it (plain_adam_ready)
 
     # --- per-task losses (one task's slice; vmapped over the task axis) ---------------------------------------
     def critic_loss_one(self, params: Dict[str, Tensor], b: Dict[str, Tensor], task: Tensor, *,
@@ -382,35 +384,43 @@ class MTSAC:
         do_target = self.num_updates % self.cfg.target_update_every == 0
         eps_next = torch.randn((T * B, self.act_dim), generator=self.generator, device=self.device)
         eps = torch.randn((T, B, self.act_dim), generator=self.generator, device=self.device) if do_actor else None
-        info = self.step(batch, eps_next, eps, do_target)
+        if self._full is not None and self._ready():
+            for g in (*self.grads.values(), self.alpha_grads):
+                g.separate()
+            info = self._full(batch, eps_next, eps, do_target)
+        else:
+            info = self.step(batch, eps_next, eps, do_target)
         self.num_updates += 1
         return info
 
-    def step(self, batch: Dict[str, Tensor], eps_next: Tensor, eps: Optional[Tensor], do_target: bool
-             ) -> Dict[str, Tensor]:
+    def step(self, batch: Dict[str, Tensor], eps_next: Tensor, eps: Optional[Tensor], do_target: bool,
+             traced: bool = False) -> Dict[str, Tensor]:
         """The update given its noise: critic, temperatures and actor (when ``eps`` is given), Polyak targets.
 
-        The gradients come from :meth:`critic_grads` / :meth:`actor_grads` (compiled by :meth:`compile`); the
-        optimizer steps, finiteness flags and hooks run eagerly around them (fused Adam is one kernel)."""
+        The gradients come from :meth:`critic_grads` / :meth:`actor_grads`. Eagerly (or with only those two
+        compiled) the optimizer steps are fused Adam kernels; ``traced`` (:meth:`full_step`, the whole update in
+        one compiled graph) steps with ``traced_adam_step`` on the same state and skips the host-side check of
+        the gradient views (the gradients are separate tensors then: ``FlatGrads.separate``)."""
         alpha = self.log_alpha.detach().exp()
         info: Dict[str, Tensor] = {}
         _, _, bind = self._context(batch)
-        self.grads["critic"].zero()
+        self.grads["critic"].zero(traced)
         cinfo, cb = self._critic_grads(batch, eps_next, alpha)
         # A scale-free per-task quality signal for the hooks that rank snapshots (moe): the TD loss relative to the
         # variance of its targets, which grows with the Q scale as the raw loss does (mtrl/nets/README_BACKBONES.md).
         rank = {"rank_losses": cinfo["losses"].detach() / (cb["target"].var(dim=1, unbiased=False) + 1e-8)}
         self._apply("critic", self.critic, self.critic_opt, self.critic_method, cinfo,
-                    functools.partial(self.critic_loss_one, **bind), cb, rank)
+                    functools.partial(self.critic_loss_one, **bind), cb, rank, traced)
         info["critic_losses"] = cinfo["losses"]
         info["critic_diag"] = cinfo  # type: ignore[assignment]
 
         if eps is not None:
-            self.grads["actor"].zero()
+            self.grads["actor"].zero(traced)
             ainfo, ab, alpha_losses, entropy = self._actor_grads(batch, eps, alpha)
-            guarded_step(self.alpha_opt, self.monitor.record("alpha", alpha_losses), self.alpha_grads)
+            guarded_step(self.alpha_opt, self.monitor.record("alpha", alpha_losses), self.alpha_grads, traced)
             self._apply("actor", self.actor, self.actor_opt, self.actor_method, ainfo,
-                        functools.partial(self.actor_loss_one, critic_params=self._frozen_critic(), **bind), ab, rank)
+                        functools.partial(self.actor_loss_one, critic_params=self._frozen_critic(), **bind), ab, rank,
+                        traced)
             info["alpha_losses"] = alpha_losses
             info["entropy"] = entropy
             info["actor_losses"] = ainfo["losses"]
@@ -454,13 +464,48 @@ class MTSAC:
         return ainfo, ab, alpha_losses, -logp.view(T, B).mean(1)
 
     def compile(self, mode: str = "auto") -> str:
-        """Compile :meth:`critic_grads` and :meth:`actor_grads` (``agents/compiled.py``); returns the mode used."""
+        """Compile the update (``agents/compiled.py``); returns the mode used.
+
+        Without ``after_step`` hooks: the whole update after the noise draws (:meth:`full_step`) as one graph,
+        from the second update on (the first creates the optimizers' state through the eager step). Where that
+        graph does not build (e.g. a method drawing random numbers inside, which Dynamo cannot trace into one
+        graph), and with hooks: :meth:`critic_grads` and :meth:`actor_grads` compiled, the rest eager."""
         used = compiled.resolve(mode, self.device, [self.critic_method, self.actor_method], [self.actor, self.critic])
-        if used != "off":
-            reset = lambda: [g.zero() for g in (*self.grads.values(), self.alpha_grads)]  # noqa: E731
-            self._critic_grads = compiled.Compiled(self.critic_grads, used, "the critic gradient", reset)
-            self._actor_grads = compiled.Compiled(self.actor_grads, used, "the actor gradient", reset)
+        if used == "off":
+            return used
+        if any(self.hooks.values()):
+            self._compile_parts(used)
+            return used
+
+        def split(*args: Any) -> Dict[str, Tensor]:
+            self._full = None
+            self._compile_parts(used)
+            return self.step(*args)
+
+        self._full = compiled.Compiled(self.full_step, used, "the whole update", self._zero_grads, fullgraph=True,
+                                       fallback=(split, "the critic and actor gradients compiled apart"))
         return used
+
+    def _compile_parts(self, mode: str) -> None:
+        self._critic_grads = compiled.Compiled(self.critic_grads, mode, "the critic gradient", self._zero_grads)
+        self._actor_grads = compiled.Compiled(self.actor_grads, mode, "the actor gradient", self._zero_grads)
+
+    def _zero_grads(self) -> None:
+        for g in (*self.grads.values(), self.alpha_grads):
+            g.zero()
+
+    def full_step(self, batch: Dict[str, Tensor], eps_next: Tensor, eps: Optional[Tensor], do_target: bool
+                  ) -> Dict[str, Tensor]:
+        """:meth:`step` with the optimizer steps in traced tensor ops: what :meth:`compile` turns into one graph."""
+        return self.step(batch, eps_next, eps, do_target, traced=True)
+
+    def _ready(self) -> bool:
+        """Every optimizer has its Adam state (checked until true; reset by :meth:`load_state_dict`)."""
+        if not self._full_ready:
+            self._full_ready = all(plain_adam_ready(o, list(g.params)) for o, g in
+                                   ((self.critic_opt, self.grads["critic"]), (self.actor_opt, self.grads["actor"]),
+                                    (self.alpha_opt, self.alpha_grads)))
+        return self._full_ready
 
     def nonfinite(self) -> None:
         """Host check, every ``log_every`` updates: raise :class:`NonFiniteLoss` if a step was skipped since."""
@@ -470,9 +515,9 @@ class MTSAC:
         return {k: v.detach() for k, v in self.critic.named_parameters()}
 
     def _apply(self, name: str, module: nn.Module, opt: torch.optim.Optimizer, method, info, loss_fn, batch,
-               extra: Optional[Dict[str, Any]] = None) -> None:
+               extra: Optional[Dict[str, Any]] = None, traced: bool = False) -> None:
         changed = apply_step(name, module, opt, method, info, loss_fn, batch, self.task_ids, self.cfg.max_grad_norm,
-                             self.hooks[name], self.num_updates, self.grads[name], self.monitor, extra)
+                             self.hooks[name], self.num_updates, self.grads[name], self.monitor, extra, traced)
         # [issue 4] An after_step that returns True changed buffers (e.g. harmony's per-task masks): the target
         # critic shares them, so copy the critic's buffers into it (Polyak averaging only moves parameters).
         if changed and name == "critic":
@@ -541,6 +586,7 @@ class MTSAC:
         self.critic_method.load_state_dict(state["critic_method"])
         self.actor_method.load_state_dict(state["actor_method"])
         self.num_updates = int(state["num_updates"])
+        self._full_ready = False  # new optimizer state tensors (or none yet): checked again at the next update
         self.restore_note = restore_generator(self.generator, state["generator"], salt=self.num_updates)
         load_host_states(state.get("host_state", {}), self.actor, self.critic)
 

@@ -10,6 +10,8 @@ between devices and the compiled step against the eager one.
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -160,18 +162,53 @@ def test_compiled_update_agrees_with_eager_for_every_compilable_method(method, o
 
 
 def _compare(method):
+    """Four updates on fixed batches, the third with a NaN reward in task 1 (its critic loss is NaN: the critic
+    step must be skipped, parameters, Adam moments and step counts untouched, the actor and alpha steps taken),
+    then the compiled agent's checkpoint continued by an eager agent. From the second update on, the compiled
+    agent runs the whole update as one graph where the method allows it (``MTSAC.full_step``)."""
+    from agents.sac import NonFiniteLoss
+
     eager, comp = _sac("cpu", method=method), _sac("cpu", method=method)
     assert comp.compile("default") == "default"
-    for i in range(3):
+    for i in range(4):
         batch = _batch("cpu", seed=i)
+        if i == 2:
+            batch["reward"][1, 0] = float("nan")
         ie, ic = eager.update(batch), comp.update(batch)
-        torch.testing.assert_close(ic["critic_losses"], ie["critic_losses"], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(ic["critic_losses"], ie["critic_losses"], rtol=1e-4, atol=1e-5, equal_nan=True)
         torch.testing.assert_close(ic["actor_losses"], ie["actor_losses"], rtol=1e-4, atol=1e-5)
-    for (k, a), b in zip(eager.critic.state_dict().items(), comp.critic.state_dict().values()):
-        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=k)
-    for (k, a), b in zip(eager.actor.state_dict().items(), comp.actor.state_dict().values()):
-        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=k)
-    torch.testing.assert_close(comp.log_alpha, eager.log_alpha)
+        if i == 2:
+            assert torch.isnan(ic["critic_losses"][1]) and torch.isfinite(ic["actor_losses"]).all()
+    _assert_same_learner(comp, eager)
+    steps = {k: int(comp.critic_opt.state[p]["step"]) for k, p in comp.critic.named_parameters()}
+    assert set(steps.values()) == {3}, steps  # 4 updates, one critic step skipped
+    assert int(comp.actor_opt.state[comp.actor_opt.param_groups[0]["params"][0]]["step"]) == 4
+    for ag in (eager, comp):
+        with pytest.raises(NonFiniteLoss) as err:
+            ag.nonfinite()
+        assert err.value.loss == "critic" and err.value.task == 1 and err.value.count == 1
+    if method == "mtsac":
+        assert comp._full is not None and comp._full.compiled is not None  # not fallen back
+    # The compiled steps kept the optimizers' own state: an eager agent resumes from the checkpoint exactly.
+    resumed = _sac("cpu", method=method)
+    resumed.load_state_dict(copy.deepcopy(comp.state_dict()))  # as through a file: Adam would share its tensors
+    batch = _batch("cpu", seed=9)
+    torch.testing.assert_close(resumed.update(batch)["critic_losses"], comp.update(batch)["critic_losses"],
+                               rtol=1e-4, atol=1e-5)
+    _assert_same_learner(comp, resumed)
+
+
+def _assert_same_learner(a, b):
+    for name in ("critic", "actor", "critic_target"):
+        for (k, x), y in zip(getattr(b, name).state_dict().items(), getattr(a, name).state_dict().values()):
+            torch.testing.assert_close(y, x, rtol=1e-4, atol=1e-5, msg=f"{name}.{k}")
+    torch.testing.assert_close(a.log_alpha, b.log_alpha)
+    for opt in ("critic_opt", "actor_opt", "alpha_opt"):
+        sa, sb = getattr(a, opt).state_dict()["state"], getattr(b, opt).state_dict()["state"]
+        assert sa.keys() == sb.keys()
+        for i in sa:
+            for k in ("exp_avg", "exp_avg_sq", "step"):
+                torch.testing.assert_close(sa[i][k], sb[i][k], rtol=1e-4, atol=1e-6, msg=f"{opt}[{i}].{k}")
 
 
 def test_compile_auto_stays_eager_with_a_note_where_a_method_does_not_compile(capsys):
