@@ -387,6 +387,9 @@ class MTSAC:
         if self._full is not None and self._ready():
             for g in (*self.grads.values(), self.alpha_grads):
                 g.separate()
+            # The methods' own random draws (PCGrad's orders), in the order the eager update makes them.
+            for m in (self.critic_method, self.actor_method) if do_actor else (self.critic_method,):
+                m.predraw([torch.rand(s, generator=self.generator, device=self.device) for s in m.random_draws()])
             info = self._full(batch, eps_next, eps, do_target)
         else:
             info = self.step(batch, eps_next, eps, do_target)

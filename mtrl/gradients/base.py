@@ -28,7 +28,7 @@ one-line message naming the bad value and the valid choices.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Dict, Iterable, Optional, Set, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple
 
 import torch
 from torch import Tensor
@@ -145,6 +145,25 @@ class Method:
         for v in vars(self).values():
             if isinstance(v, Method):
                 v.set_generator(generator)
+
+    _predrawn: Any = ()
+
+    def random_draws(self) -> List[Tuple[int, ...]]:
+        """Shapes of the uniform [0, 1) float32 tensors one ``backward`` draws from the generator, in order (none by
+        default). A compiled update draws them eagerly before its graph (a ``torch.Generator`` cannot enter one)
+        and hands them over with :meth:`predraw`; the stream is the one the eager update uses. A method that draws
+        without declaring it here still works, but its update does not compile into one graph."""
+        return []
+
+    def predraw(self, draws: List[Tensor]) -> None:
+        """The draws of :meth:`random_draws` for the next ``backward``, taken in order by :meth:`uniform`."""
+        self._predrawn = list(draws)
+
+    def uniform(self, shape: Tuple[int, ...], device: torch.device) -> Tensor:
+        """The next tensor given to :meth:`predraw`, else a fresh uniform draw from the method's generator."""
+        if self._predrawn:
+            return self._predrawn.pop(0)
+        return torch.rand(shape, generator=self.generator, device=device)
 
     def health(self) -> Optional[Tensor]:
         """A 0-d bool device tensor, True when an input broke the method's assumptions since the last

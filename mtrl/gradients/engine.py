@@ -42,7 +42,12 @@ DEFAULT_MEMORY_BUDGET = 1 << 30  # bytes of per-task gradients held by one vmapp
 
 @contextlib.contextmanager
 def full_precision() -> Iterator[None]:
-    """Float32 matmuls at full precision (no TF32 / bf16 shortcuts) inside the block."""
+    """Float32 matmuls at full precision (no TF32 / bf16 shortcuts) inside the block. Inside a compiled graph the
+    setting cannot be switched (Dynamo cannot trace it): the graph keeps the one in force when it was compiled
+    (PyTorch's default is "highest")."""
+    if torch.compiler.is_compiling():
+        yield
+        return
     prev = torch.get_float32_matmul_precision()
     if prev != "highest":
         torch.set_float32_matmul_precision("highest")

@@ -71,9 +71,12 @@ class GradVac(GramianMethod):
         if phi is None or phi.shape != (t, t):
             phi = torch.zeros(t, t, dtype=gramian.dtype, device=gramian.device)
         phi = phi.to(device=gramian.device, dtype=gramian.dtype)
-        orders = random_orders(t, self.generator, gramian.device)
+        orders = random_orders(t, self.generator, gramian.device, self.uniform((t, t), gramian.device))
         w, self._phi = gradvac_weights(gramian, phi, orders, float(self.options["beta"]), float(self.options["eps"]))
         return w / t
+
+    def random_draws(self):
+        return [(self.num_tasks, self.num_tasks)]
 
     def reset(self) -> None:
         self._phi: Optional[Tensor] = None

@@ -52,5 +52,8 @@ class PCGrad(GramianMethod):
 
     def weights(self, gramian: Tensor) -> Tensor:
         t = gramian.shape[0]
-        orders = random_orders(t, self.generator, gramian.device)
+        orders = random_orders(t, self.generator, gramian.device, self.uniform((t, t), gramian.device))
         return pcgrad_weights(gramian, orders) / t
+
+    def random_draws(self):
+        return [(self.num_tasks, self.num_tasks)]
