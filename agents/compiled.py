@@ -1,18 +1,25 @@
 """``torch.compile`` for the learner's gradient computations (``--set compile=auto|off|default|reduce-overhead|
 max-autotune``).
 
-What is compiled: each agent's gradient functions (MT-SAC: targets + critic losses + the method's combined critic
-gradient; temperature + actor losses + the combined actor gradient. MT-PPO: each minibatch's actor and critic
-gradients). They are plain tensor code with no host synchronisation, so Dynamo traces each into one graph
-(``torch.func.vmap(grad)`` included); on CPU Inductor fuses it into a few C++ kernels, on CUDA ``reduce-overhead``
-replays it as a CUDA graph. What stays eager around them: the noise draws (a ``torch.Generator`` cannot enter a
-graph), the fused Adam steps (one kernel each; PyTorch refuses to trace its fused optimizer), the finiteness
-flags, the modules' ``after_step`` hooks and the Polyak update (one ``_foreach_lerp_``).
+What is compiled. MT-SAC without ``after_step`` hooks: the whole update after the noise draws as ONE graph
+(``MTSAC.full_step``, ``fullgraph=True``): targets, critic losses and the method's combined gradient, the gradient
+norm, the finiteness flags (``NonFiniteMonitor``'s device counters), clipping, Adam written in traced tensor ops on
+the optimizers' own state (``agents.optim.traced_adam_step``: the fused kernel cannot be traced; a non-finite step
+is skipped as with ``found_inf``), the temperature step, the actor's, and the Polyak lerp. It starts at the second
+update (the first creates the Adam state eagerly). The noise and the methods' declared random draws
+(``Method.random_draws``: PCGrad's orders) are drawn eagerly before it, in the eager update's order, because a
+``torch.Generator`` cannot enter a graph. Where that graph does not build (a method drawing undeclared random
+numbers, an untraceable op), and for MT-SAC with hooks or MT-PPO, each agent's gradient functions are compiled
+apart (MT-SAC: critic gradient; temperature + actor gradient. MT-PPO: each minibatch's actor and critic
+gradients) and the fused Adam steps, flags, hooks and Polyak update run eagerly around them. On CPU Inductor fuses
+a graph into a few C++ kernels, on CUDA ``reduce-overhead`` replays it as a CUDA graph (not yet run on a GPU; a
+graph that mutates the optimizer state may be run without the CUDA graph by PyTorch).
 
 ``auto`` compiles where it is known to work — a method with ``compilable = True`` (every sync-free method whose
 gradient is pure tensor code) on backbones without ``after_step`` hooks — and stays eager otherwise, with a
 one-line note naming what does not compile. A compilation that fails at its first call falls back to eager with
-a note, after re-zeroing the gradients it may have touched, so a run never dies of it. Compilation happens at
+a note (the one-graph update: to the split graphs), after re-zeroing the gradients it may have touched, so a run
+never dies of it. Compilation happens at
 the first update (tens of seconds on a 2-core CPU; the time is printed) and again after a resume.
 """
 

@@ -6,10 +6,12 @@ Sizes: MT10 (10 tasks x 128 per task; obs 39, action 4), networks 3 x 400 (the p
 (algorithm, method, backbone, width) the eager and the compiled agent are built from the same seed and timed in
 alternating rounds (eager, compiled, eager, ...), so a machine whose load drifts biases neither; the table shows
 medians over ``--repeats`` rounds and the ratio compiled / eager. Compilation (paid once, at the first update) is
-shown separately and excluded from the timing.
+shown separately and excluded from the timing. ``--split`` adds, for SAC, the earlier compiled form (only the
+critic and actor gradients compiled, the optimizer steps eager: ``MTSAC.compile(one_graph=False)``) as a third
+column, so the gain of the one-graph update is measured in the same run.
 
     python scripts/bench_learner.py [--device cpu|cuda] [--threads 1] [--repeats 5] [--widths 8,400]
-                                    [--methods mtsac,pcgrad,moe] [--algos sac,ppo] [--compile default]
+                                    [--methods mtsac,pcgrad,moe] [--algos sac,ppo] [--compile default] [--split]
 
 A name among ``--methods`` that is a backbone (e.g. ``moe``) means ``mtsac`` on that backbone.
 """
@@ -36,20 +38,20 @@ from mtrl.nets import available_backbones  # noqa: E402
 T, B, OBS, ACT = 10, 128, 39, 4
 
 
-def sac_case(method: str, backbone: str, width: int, device: torch.device, mode: str):
+def sac_case(method: str, backbone: str, width: int, device: torch.device, mode: str, one_graph: bool = True):
     torch.manual_seed(0)
     agent = MTSAC(OBS, ACT, T, np.ones((T, ACT), np.float32), SACConfig(), backbone=backbone,
                   backbone_kwargs={"width": width, "depth": 3}, method=method, device=device, seed=0)
-    used = agent.compile(mode) if mode != "off" else "off"
+    used = agent.compile(mode, one_graph=one_graph) if mode != "off" else "off"
     g = torch.Generator().manual_seed(0)
     batch = {"obs": torch.randn(T, B, OBS, generator=g), "action": torch.rand(T, B, ACT, generator=g) * 2 - 1,
              "reward": torch.randn(T, B, generator=g), "next_obs": torch.randn(T, B, OBS, generator=g),
              "terminated": torch.zeros(T, B)}
     batch = {k: v.to(device) for k, v in batch.items()}
-    return (lambda: agent.update(batch)), used
+    return (lambda: agent.update(batch)), used, agent
 
 
-def ppo_case(method: str, backbone: str, width: int, device: torch.device, mode: str):
+def ppo_case(method: str, backbone: str, width: int, device: torch.device, mode: str, one_graph: bool = True):
     torch.manual_seed(0)
     cfg = PPOConfig(epochs=1, minibatches=1)
     agent = MTPPO(OBS, ACT, T, np.ones((T, ACT), np.float32), cfg, backbone=backbone,
@@ -60,7 +62,7 @@ def ppo_case(method: str, backbone: str, width: int, device: torch.device, mode:
              "logp": torch.randn(T, B, generator=g), "value": torch.randn(T, B, generator=g),
              "ret": torch.randn(T, B, generator=g), "adv": torch.randn(T, B, generator=g)}
     batch = {k: v.to(device) for k, v in batch.items()}
-    return (lambda: agent.update(batch)), used
+    return (lambda: agent.update(batch)), used, agent
 
 
 def sync(device: torch.device) -> None:
@@ -89,6 +91,9 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", default="mtsac,pcgrad,moe")
     ap.add_argument("--algos", default="sac")
     ap.add_argument("--compile", default="default", help="the compiled side's mode (default, reduce-overhead, ...)")
+    ap.add_argument("--split", action="store_true",
+                    help="SAC: also time the earlier compiled form (critic and actor gradients compiled apart, the "
+                         "optimizer steps eager) next to the one-graph update")
     args = ap.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("--device cuda: no CUDA device is visible to torch; valid here: cpu", file=sys.stderr)
@@ -101,26 +106,38 @@ def main(argv=None) -> int:
           f"of >= {args.seconds:g} s, torch {torch.__version__}", flush=True)
     for algo in args.algos.split(","):
         case = sac_case if algo == "sac" else ppo_case
+        split = args.split and algo == "sac"
         for name in args.methods.split(","):
             method, backbone = ("mtsac", name) if name in backbones else (name, "mlp")
             for width in (int(w) for w in args.widths.split(",")):
-                eager, _ = case(method, backbone, width, device, "off")
-                comp, used = case(method, backbone, width, device, args.compile)
+                fns = {"eager": case(method, backbone, width, device, "off")[0]}
+                fns["compiled"], used, agent = case(method, backbone, width, device, args.compile)
+                if split:
+                    fns["split"] = case(method, backbone, width, device, args.compile, one_graph=False)[0]
                 t0 = time.perf_counter()
-                comp()
-                comp()
+                fns["compiled"]()
+                fns["compiled"]()
                 sync(device)
                 compile_s = time.perf_counter() - t0
-                eager()
-                r: Dict[str, List[float]] = {"eager": [], "compiled": []}
+                if getattr(agent, "_full", None) is not None:  # MT-SAC whose whole update compiled as one graph
+                    used += ", one graph"
+                for k in ("eager", "split"):
+                    if k in fns:
+                        fns[k](), fns[k]()
+                r: Dict[str, List[float]] = {k: [] for k in fns}
                 for _ in range(args.repeats):
-                    r["eager"].append(rate(eager, device, args.seconds))
-                    r["compiled"].append(rate(comp, device, args.seconds))
+                    for k, fn in fns.items():
+                        r[k].append(rate(fn, device, args.seconds))
                 e, c = statistics.median(r["eager"]), statistics.median(r["compiled"])
-                rows.append((algo, name, str(width), f"{e:.1f}", f"{c:.1f}", f"{c / e:.2f}", used,
+                extra = ("-", "-") if args.split else ()
+                if split:
+                    sp = statistics.median(r["split"])
+                    extra = (f"{sp:.1f}", f"{sp / e:.2f}")
+                rows.append((algo, name, str(width), f"{e:.1f}", f"{c:.1f}", f"{c / e:.2f}", *extra, used,
                              f"{compile_s:.0f}"))
                 print("  " + " | ".join(rows[-1]), flush=True)
-    head = ("algo", "method", "width", "eager upd/s", "compiled upd/s", "compiled/eager", "mode", "compile s")
+    head = ("algo", "method", "width", "eager upd/s", "compiled upd/s", "compiled/eager",
+            *(("split upd/s", "split/eager") if args.split else ()), "mode", "compile s")
     print("\n| " + " | ".join(head) + " |\n|" + "---|" * len(head))
     for row in rows:
         print("| " + " | ".join(row) + " |")
