@@ -11,7 +11,8 @@ critic and actor gradients compiled, the optimizer steps eager: ``MTSAC.compile(
 column, so the gain of the one-graph update is measured in the same run.
 
     python scripts/bench_learner.py [--device cpu|cuda] [--threads 1] [--repeats 5] [--widths 8,400]
-                                    [--methods mtsac,pcgrad,moe] [--algos sac,ppo] [--compile default] [--split]
+                                    [--methods mtsac,pcgrad,moe] [--algos sac,ppo] [--compile default]
+                                    [--split] [--one-graph]
 
 A name among ``--methods`` that is a backbone (e.g. ``moe``) means ``mtsac`` on that backbone.
 """
@@ -23,7 +24,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -38,7 +39,8 @@ from mtrl.nets import available_backbones  # noqa: E402
 T, B, OBS, ACT = 10, 128, 39, 4
 
 
-def sac_case(method: str, backbone: str, width: int, device: torch.device, mode: str, one_graph: bool = True):
+def sac_case(method: str, backbone: str, width: int, device: torch.device, mode: str,
+             one_graph: Optional[bool] = None):
     torch.manual_seed(0)
     agent = MTSAC(OBS, ACT, T, np.ones((T, ACT), np.float32), SACConfig(), backbone=backbone,
                   backbone_kwargs={"width": width, "depth": 3}, method=method, device=device, seed=0)
@@ -51,7 +53,8 @@ def sac_case(method: str, backbone: str, width: int, device: torch.device, mode:
     return (lambda: agent.update(batch)), used, agent
 
 
-def ppo_case(method: str, backbone: str, width: int, device: torch.device, mode: str, one_graph: bool = True):
+def ppo_case(method: str, backbone: str, width: int, device: torch.device, mode: str,
+             one_graph: Optional[bool] = None):
     torch.manual_seed(0)
     cfg = PPOConfig(epochs=1, minibatches=1)
     agent = MTPPO(OBS, ACT, T, np.ones((T, ACT), np.float32), cfg, backbone=backbone,
@@ -93,7 +96,9 @@ def main(argv=None) -> int:
     ap.add_argument("--compile", default="default", help="the compiled side's mode (default, reduce-overhead, ...)")
     ap.add_argument("--split", action="store_true",
                     help="SAC: also time the earlier compiled form (critic and actor gradients compiled apart, the "
-                         "optimizer steps eager) next to the one-graph update")
+                         "optimizer steps eager) next to the compiled update")
+    ap.add_argument("--one-graph", action="store_true",
+                    help="SAC: compile the whole update as one graph for every method (default: mtsac only)")
     args = ap.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("--device cuda: no CUDA device is visible to torch; valid here: cpu", file=sys.stderr)
@@ -111,7 +116,8 @@ def main(argv=None) -> int:
             method, backbone = ("mtsac", name) if name in backbones else (name, "mlp")
             for width in (int(w) for w in args.widths.split(",")):
                 fns = {"eager": case(method, backbone, width, device, "off")[0]}
-                fns["compiled"], used, agent = case(method, backbone, width, device, args.compile)
+                fns["compiled"], used, agent = case(method, backbone, width, device, args.compile,
+                                                    one_graph=True if args.one_graph else None)
                 if split:
                     fns["split"] = case(method, backbone, width, device, args.compile, one_graph=False)[0]
                 t0 = time.perf_counter()
