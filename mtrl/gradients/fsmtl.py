@@ -12,7 +12,9 @@ mean over tasks). Scale: that of the base.
 Reference followed: official VietHoang1512/FS-MTL ``city2scape/train.py`` (stage 1 / stage 2, ``--method pcgrad``
 etc.: A applied to g and to h separately and summed). Implementation: both passes are vmapped -- one Jacobian at
 theta, one Jacobian with task t at its own point theta + eps_t (``engine.compute_jacobian(per_task_params=...)``):
-about 2x the cost of one Jacobian, T x P extra memory for the perturbed copies. ``base`` defaults to ``pcgrad`` (our
+T x P extra memory for the perturbed copies, and the second pass runs the network with T different weight sets
+(batched matmuls over T weight copies instead of one): measured 3.2x the ``mtsac`` update at T = 10 and 13x at
+T = 50 on CPU (``scripts/bench_update.py``, README *Speed*). ``base`` defaults to ``pcgrad`` (our
 choice; the paper reports FS-MTL on top of MGDA, PCGrad, CAGrad, IMTL...). ``rho`` = 0.001 (our default from the
 reference's Cityscapes runs, 0.001-0.0025; its argparse default 2 is not a working value). The "a-" variants
 (A applied to g^SAM directly) are ``base`` applied to g^SAM: not offered separately.
