@@ -411,7 +411,9 @@ class MTSAC:
         cinfo, cb = self._critic_grads(batch, eps_next, alpha)
         # A scale-free per-task quality signal for the hooks that rank snapshots (moe): the TD loss relative to the
         # variance of its targets, which grows with the Q scale as the raw loss does (mtrl/nets/README_BACKBONES.md).
-        rank = {"rank_losses": cinfo["losses"].detach() / (cb["target"].var(dim=1, unbiased=False) + 1e-8)}
+        # Only hooks read it, so an agent without any skips the work.
+        rank = ({"rank_losses": cinfo["losses"].detach() / (cb["target"].var(dim=1, unbiased=False) + 1e-8)}
+                if any(self.hooks.values()) else None)
         self._apply("critic", self.critic, self.critic_opt, self.critic_method, cinfo,
                     functools.partial(self.critic_loss_one, **bind), cb, rank, traced)
         info["critic_losses"] = cinfo["losses"]
