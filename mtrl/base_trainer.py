@@ -79,6 +79,7 @@ class BaseTrainer:
         self.pool: Optional[WorkerPool] = None
         self.logger: Optional[Logger] = None
         self.failures_in_a_row: List[int] = []
+        self.worker_time = np.zeros(2)  # seconds in policy calls, in env steps (from the workers' results)
         self._started_ray = False
 
     # --- set-up ---------------------------------------------------------------------------------------------
@@ -249,6 +250,9 @@ class BaseTrainer:
                              None if self.replay is None else len(self.replay), self.worker_restarts)
         # issue 13: every task's share of env steps (max - min over tasks; at most one chunk of a task's envs).
         self.logger.scalar("rollout/env_steps_spread", int(np.ptp(self.task_steps)), step)
+        if self.worker_time.sum() > 0:  # where the workers' time went since the last log: policy vs simulator
+            self.logger.scalar("workers/policy_time_share", self.worker_time[0] / self.worker_time.sum(), step)
+            self.worker_time[:] = 0.0
         self._t_log = (now, self.env_steps, self.updates)
 
     def _log_grad(self, info: Dict[str, Any]) -> None:

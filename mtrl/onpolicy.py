@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -70,10 +71,14 @@ class PPOWorker(RolloutWorker):
         term = np.empty((k, n_steps), np.float32)
         trunc = np.empty((k, n_steps), np.float32)
         episodes: List[Tuple[int, float, float, int]] = []
+        t0, self.time_policy = time.perf_counter(), 0.0
         for s in range(n_steps):
-            a, lp = self.policy.sample(torch.as_tensor(self.obs, dtype=torch.float32), self.tids, self.mask,
-                                       generator=self.gen)
+            t1 = time.perf_counter()
+            with torch.inference_mode():
+                a, lp = self.policy.sample(torch.as_tensor(self.obs, dtype=torch.float32), self.tids, self.mask,
+                                           generator=self.gen)
             a, lp = a.numpy(), lp.numpy()
+            self.time_policy += time.perf_counter() - t1
             obs[:, s] = self.obs
             act[:, s] = a
             logp[:, s] = lp
@@ -84,7 +89,7 @@ class PPOWorker(RolloutWorker):
             self.steps += 1
         return {"task_indices": self.task_indices, "env_indices": self.env_indices, "obs": obs, "action": act,
                 "logp": logp, "reward": rew, "next_obs": nxt, "terminated": term, "truncated": trunc,
-                "episodes": episodes, "steps": k * n_steps}
+                "episodes": episodes, "steps": k * n_steps, **self._times(t0)}
 
 
 class OnPolicyTrainer(BaseTrainer):
@@ -136,6 +141,7 @@ class OnPolicyTrainer(BaseTrainer):
                 self.recent_succ[t].append(succ)
                 self.episodes += 1
             self.env_steps += int(res["steps"])
+            self.worker_time += (res.get("time_policy", 0.0), res.get("time_env", 0.0))
         return out
 
     def run_until(self, total_steps: int, progress: Optional[Progress] = None) -> None:

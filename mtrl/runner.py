@@ -106,6 +106,7 @@ class Trainer(BaseTrainer):
             self.episodes += 1
         n = int(result["steps"])
         self.env_steps += n
+        self.worker_time += (result.get("time_policy", 0.0), result.get("time_env", 0.0))
         return n
 
     def _update(self) -> None:

@@ -6,8 +6,12 @@
 For each envs-per-task N it steps a raw ``gymnasium.vector.SyncVectorEnv`` of the suite's T x N envs with random
 actions on one core (the simulator's own rate); for each (workers W, N) it runs W Ray rollout workers holding the
 T x N envs (``mtrl.rollout.split_envs``, as training does) with the real policy in the loop (the 3x400 MLP actor,
-one batched call per vector step; ``--random-actions`` skips it) and prints env steps/s delivered to the learner's
-process, steps/s per core and the ratio to the raw one-core rate of the same N. ``--cluster`` repeats the largest
+one batched call per vector step) and prints env steps/s delivered to the learner's process, steps/s per core, the
+ratio to the raw one-core rate of the same N, and where the workers' time went (policy forward vs the rest: the
+simulator and bookkeeping, as the workers time it). ``--actions random`` is the warm-up (uniform actions, no
+forward); ``--actions forward-random`` runs the forward every vector step but steps the envs with uniform random
+actions, so the physics is that of the raw loop and the difference to it is the policy's cost alone (a fresh
+policy's actions can make the simulator slower or faster than random ones). ``--cluster`` repeats the largest
 (W, N) on a loopback two-node Ray cluster (``ray.cluster_utils.Cluster``: a head and a second node on this host,
 one CPU each) and prints which node each worker ran on and its share of the steps. ``--learner`` also runs the
 real training loop and prints the learner's updates/s while collecting.
@@ -55,9 +59,24 @@ def _node_of(worker) -> str:
     return ray.get(worker.__ray_call__.remote(lambda self: ray.get_runtime_context().get_node_id()))
 
 
-def ray_rate(suite, workers: int, envs_per_task: int, seconds: float, chunk: int, random_actions: bool
-             ) -> Tuple[float, Dict[str, int]]:
-    """Env steps/s delivered by ``workers`` Ray workers holding the T x N envs, and env steps per Ray node."""
+def _forward_random_worker():
+    """A RolloutWorker that runs the policy forward every vector step, then steps uniform random actions."""
+    import numpy as np
+
+    from mtrl.rollout import RolloutWorker
+
+    class ForwardRandom(RolloutWorker):
+        def _actions(self, deterministic: bool = False):
+            super()._actions(deterministic)  # the forward, timed as in training
+            return self.rng.uniform(-1.0, 1.0, size=(len(self.envs), self.suite.act_dim)).astype(np.float32)
+
+    return ForwardRandom
+
+
+def ray_rate(suite, workers: int, envs_per_task: int, seconds: float, chunk: int, actions: str
+             ) -> Tuple[float, Dict[str, int], Tuple[float, float]]:
+    """Env steps/s delivered by ``workers`` Ray workers holding the T x N envs, env steps per Ray node, and the
+    workers' seconds per vector step in the policy and in the rest (the simulator and bookkeeping)."""
     import numpy as np
 
     from agents.sac import MTSAC
@@ -67,10 +86,12 @@ def ray_rate(suite, workers: int, envs_per_task: int, seconds: float, chunk: int
     slots = split_envs(suite.num_tasks, workers, envs_per_task)
     specs = [WorkerSpec(suite=suite.name, tasks=[], task_indices=[t for t, _ in sl], goal_seed=0,
                         env_seeds=[100 * i + k for k in range(len(sl))], policy_seed=i,
-                        learning_starts=10**12 if random_actions else 0, start_steps=[0] * len(sl), backbone="mlp",
-                        backbone_kwargs={}, log_std_min=-20.0, log_std_max=2.0, env_indices=[j for _, j in sl])
+                        learning_starts=10**12 if actions == "random" else 0, start_steps=[0] * len(sl),
+                        backbone="mlp", backbone_kwargs={}, log_std_min=-20.0, log_std_max=2.0,
+                        env_indices=[j for _, j in sl])
              for i, sl in enumerate(slots)]
-    pool = WorkerPool(specs, use_ray=True)
+    pool = WorkerPool(specs, use_ray=True,
+                      worker_cls=_forward_random_worker() if actions == "forward-random" else None)
     try:
         agent = MTSAC(suite.obs_dim, suite.act_dim, suite.num_tasks, suite.action_mask, SACConfig())
         pool.broadcast(agent.policy_state())
@@ -80,15 +101,17 @@ def ray_rate(suite, workers: int, envs_per_task: int, seconds: float, chunk: int
         while pool.pending:
             pool.ready(block=True)
         per_node: Counter = Counter()
-        n, t0 = 0, time.perf_counter()
+        n, t0, vsteps, t_pol, t_env = 0, time.perf_counter(), 0, 0.0, 0.0
         while time.perf_counter() - t0 < seconds:
             for i in pool.idle():
                 pool.submit_collect(i, chunk)
             for i, res in pool.ready(block=True):
                 n += int(res["steps"])
                 per_node[nodes[i]] += int(res["steps"])
+                vsteps += chunk
+                t_pol, t_env = t_pol + res["time_policy"], t_env + res["time_env"]
                 np.asarray(res["obs"]).sum()  # touch the data in the learner's process
-        return n / (time.perf_counter() - t0), dict(per_node)
+        return n / (time.perf_counter() - t0), dict(per_node), (t_pol / vsteps, t_env / vsteps)
     finally:
         pool.shutdown()
 
@@ -128,7 +151,9 @@ def main() -> int:
     p.add_argument("--envs-per-task", default="1,4", help="comma-separated environments per task")
     p.add_argument("--seconds", type=float, default=15.0, help="measurement time per configuration")
     p.add_argument("--chunk", type=int, default=50, help="env steps per environment per worker call")
-    p.add_argument("--random-actions", action="store_true", help="workers skip the policy forward")
+    p.add_argument("--actions", choices=("policy", "random", "forward-random"), default="policy",
+                   help="policy: the policy's actions; random: uniform, no forward (the warm-up); forward-random: "
+                   "the forward every vector step, uniform actions stepped (the raw loop's physics)")
     p.add_argument("--cluster", action="store_true", help="also run the largest (workers, envs-per-task) on a "
                    "loopback two-node Ray cluster (head + one node on this host, one CPU each)")
     p.add_argument("--learner", action="store_true", help="also run the real training loop: learner updates/s "
@@ -148,7 +173,9 @@ def main() -> int:
     counts, per_task = _ints(a.workers), _ints(a.envs_per_task)
     grid = [(w, n) for n in per_task for w in counts if w <= suite.num_tasks * n]
     cpus = max(os.cpu_count() or 1, max(counts))
-    policy = "random actions" if a.random_actions else "policy actions (3x400 MLP, one call per vector step)"
+    policy = {"policy": "policy actions (3x400 MLP, one call per vector step)",
+              "random": "random actions (no policy forward)",
+              "forward-random": "3x400 MLP forward every vector step, random actions stepped"}[a.actions]
     print(f"suite {suite.name} ({suite.num_tasks} tasks), {os.cpu_count()} cores, chunk {a.chunk}, {policy} in "
           "workers")
     raw = {n: raw_rate(suite, n, a.seconds) for n in per_task}
@@ -159,11 +186,12 @@ def main() -> int:
     rates = {}
     try:
         for w, n in grid:
-            r, _ = ray_rate(suite, w, n, a.seconds, a.chunk, a.random_actions)
+            r, _, (pol, env) = ray_rate(suite, w, n, a.seconds, a.chunk, a.actions)
             rates[w, n] = r
             print(f"Ray workers={w} envs-per-task={n}: {r:9.0f} steps/s, {r / w:8.0f} per core, "
                   f"per core / raw({n}/task) = {r / (w * raw[n]):.2f}, vs workers={min(counts)}: "
-                  f"{r / rates.get((min(counts), n), r):.2f}x")
+                  f"{r / rates.get((min(counts), n), r):.2f}x; per worker vector step: policy {pol * 1e3:.2f} ms, "
+                  f"envs {env * 1e3:.2f} ms (raw: {suite.num_tasks * n / raw[n] * 1e3:.2f} ms)")
         if a.learner:
             for w, n in grid:
                 ups, fps = learner_rate(suite, w, n, a.seconds)
@@ -179,7 +207,7 @@ def main() -> int:
         try:
             cluster.add_node(num_cpus=1)
             cluster.wait_for_nodes()
-            r, per_node = ray_rate(suite, w, n, a.seconds, a.chunk, a.random_actions)
+            r, per_node, _ = ray_rate(suite, w, n, a.seconds, a.chunk, a.actions)
             shares = ", ".join(f"node {k[:8]}: {v / sum(per_node.values()):.0%}" for k, v in per_node.items())
             print(f"two-node loopback cluster, workers={w} envs-per-task={n}: {r:9.0f} steps/s over "
                   f"{len(per_node)} node(s) ({shares})")
