@@ -1,6 +1,6 @@
 """What the off-policy and on-policy training loops share (``mtrl/runner.py``, ``mtrl/onpolicy.py``): the run
-directory and its files, the learner (``mtrl/learner.py``), the rollout workers (Ray actors or in-process) and
-their failures, the periodic non-finite check, evaluation, checkpoints and ``--resume``, and the rollout/time,
+directory and its files, the learner (``mtrl/learner.py``), the rollout workers (Ray actors or in-process; their
+specs, pool and restarts are in ``mtrl/supply.py``), the periodic non-finite check, evaluation, checkpoints and ``--resume``, and the rollout/time,
 gradient and backbone logging. A subclass supplies ``run_until`` (its loop) and its worker class.
 """
 
@@ -14,24 +14,25 @@ import sys
 import time
 from collections import deque
 from pathlib import Path
-from typing import Any, Deque, Dict, List, Optional, Tuple
+from typing import Any, Deque, Dict, List, Optional
 
 import numpy as np
 import torch
 import yaml
 
 from agents.sac import NonFiniteLoss
-from envs import get_suite, registered_suites
+from envs import get_suite
 
 from . import checkpoint
-from .cluster import install_sigterm, start_ray
+from .cluster import install_sigterm
 from .config import Config, to_dict
 from .devices import resolve_device
 from .evaluation import summarize
 from .learner import Learner
-from .logging import Logger, Progress, log_backbones, log_gradients, log_rollout_and_time
+from .logging import Logger, Progress, log_backbones, log_eval, log_gradients, log_rollout_and_time
 from .rundir import _write_json, protocol, write_run_files
-from .rollout import RolloutWorker, WorkerPool, WorkerSpec, split_envs
+from .rollout import RolloutWorker, WorkerPool
+from .supply import WorkerFailure, WorkerSupply
 
 __all__ = ["BaseTrainer", "NonFiniteError", "WorkerFailure"]
 
@@ -40,11 +41,7 @@ class NonFiniteError(RuntimeError):
     """A loss became NaN/inf; the message names the loss and the task."""
 
 
-class WorkerFailure(RuntimeError):
-    """A rollout worker kept failing (e.g. an env that raises on every reset); the message names its tasks."""
-
-
-class BaseTrainer:
+class BaseTrainer(WorkerSupply):
     worker_cls: type = RolloutWorker  # issue 5: the on-policy trainer (mtrl/onpolicy.py) uses its own worker class
     on_policy = False  # the learner holds MT-SAC and a replay; the on-policy trainer's holds MT-PPO
 
@@ -105,51 +102,6 @@ class BaseTrainer:
         self.history = json.loads(payload["history"])
         if "worker_state" in payload and self.cfg.workers == 0:
             self._worker_state = payload["worker_state"]  # applied once the in-process worker exists
-
-    def _worker_spec(self, i: int, slots: List[Tuple[int, int]]) -> WorkerSpec:
-        """Worker ``i``'s spec for its env ``slots`` (task, env index) with the next fresh seed stream: a restarted
-        worker does not replay old randomness. ``learning_starts`` counts a task's steps over its N envs, so each
-        env takes ceil(learning_starts / N) random steps (and, on a resume, 1/N of its task's steps so far)."""
-        cfg, s, n = self.cfg, self.suite, self.cfg.envs_per_task
-        env_seq, pol_seq = self._seed_seq.spawn(1)[0].spawn(2)
-        tasks = [t for t, _ in slots]
-        return WorkerSpec(
-            # A suite registered from Python exists only in this process: its Suite (with the builders) travels.
-            suite=s if s.name in registered_suites() else (s.name if s.name != "custom" else None),
-            tasks=list(cfg.tasks), task_indices=tasks,
-            goal_seed=cfg.seed, env_seeds=[int(x) for x in env_seq.generate_state(len(slots))],
-            policy_seed=int(pol_seq.generate_state(1)[0]), learning_starts=-(-cfg.sac.learning_starts // n),
-            start_steps=[int(self.task_steps[t]) // n for t in tasks], backbone=cfg.backbone,
-            backbone_kwargs=dict(cfg.backbone_kwargs), log_std_min=cfg.sac.log_std_min,
-            log_std_max=cfg.sac.log_std_max, name=f"worker{i}", pid_dir=str(self.run_dir / "workers"),
-            fault=cfg.fault_inject, env_indices=[j for _, j in slots])
-
-    def _make_pool(self) -> WorkerPool:
-        cfg = self.cfg
-        self.slots = split_envs(self.T, max(1, cfg.workers), cfg.envs_per_task)
-        # One stream per resume, then one child per worker (re)start, in order.
-        self._seed_seq = self.worker_seq.spawn(self.resumes + 1)[self.resumes]
-        specs = [self._worker_spec(i, sl) for i, sl in enumerate(self.slots)]
-        self.failures_in_a_row = [0] * len(specs)
-        self.chunks_done = [0] * len(specs)  # per worker, for the equal-share rule (mtrl/runner.py)
-        if cfg.workers > 0:
-            self._started_ray |= start_ray(cfg)
-        return WorkerPool(specs, use_ray=cfg.workers > 0, worker_cpus=cfg.worker_cpus, worker_cls=self.worker_cls)
-
-    def _worker_failed(self, i: int, error: str) -> None:
-        """Replace worker ``i`` (its delivered episodes are kept; its partial episodes are lost with it), or stop
-        the run when it failed ``max_worker_restarts`` times in a row."""
-        assert self.pool is not None and self.logger is not None
-        names = [self.suite.task_names[t] for t in dict.fromkeys(self.pool.specs[i].task_indices)]
-        self.failures_in_a_row[i] += 1
-        if self.failures_in_a_row[i] > self.cfg.max_worker_restarts:
-            raise WorkerFailure(f"rollout worker for task(s) {', '.join(names)} failed "
-                                f"{self.failures_in_a_row[i]} times in a row; last error: {error}")
-        self.worker_restarts += 1
-        self.logger.scalar("workers/restarts", self.worker_restarts, self.env_steps)
-        print(f"warning: rollout worker {i} ({', '.join(names)}) failed: {error}; restarting "
-              f"({self.failures_in_a_row[i]}/{self.cfg.max_worker_restarts})", file=sys.stderr, flush=True)
-        self.pool.replace(i, self._worker_spec(i, self.slots[i]))
 
     # --- the loop -------------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -285,16 +237,7 @@ class BaseTrainer:
                     "env_steps_spread": int(np.ptp(self.task_steps)), "worker_chunks": list(self.chunks_done),
                     "worker_restarts": self.worker_restarts,
                     "nan_skipped": self.nan_skipped})
-        lg, step = self.logger, self.env_steps
-        # Success exists for Meta-World tasks only; DMC and Gymnasium tasks log their return alone.
-        if not math.isnan(res["success_rate"]):
-            lg.scalar("eval/success_rate", res["success_rate"], step)
-        lg.scalar("eval/return", res["return"], step)
-        for task, v in res["per_task"].items():
-            if not math.isnan(v["success_rate"]):
-                lg.scalar(f"eval/{task}/success_rate", v["success_rate"], step)
-            lg.scalar(f"eval/{task}/return", v["return"], step)
-        lg.flush()
+        log_eval(self.logger, res, self.env_steps)
         self.history.append(res)
         # Advanced here, not by the caller: an evaluation at the end of a run schedules the next one exactly as a
         # mid-run evaluation would, so a resumed run keeps the uninterrupted run's schedule.

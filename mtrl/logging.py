@@ -175,3 +175,16 @@ def log_rollout_and_time(lg: "Logger", step: int, recent_ret: List[Iterable[floa
     if replay_size is not None:
         lg.scalar("time/replay_size", replay_size, step)
     lg.scalar("workers/restarts", worker_restarts, step)
+
+
+def log_eval(lg: "Logger", res: Dict[str, Any], step: int) -> None:
+    """eval/* from an evaluation summary. Success exists for Meta-World tasks only; DMC and Gymnasium tasks log
+    their return alone."""
+    if not math.isnan(res["success_rate"]):
+        lg.scalar("eval/success_rate", res["success_rate"], step)
+    lg.scalar("eval/return", res["return"], step)
+    for task, v in res["per_task"].items():
+        if not math.isnan(v["success_rate"]):
+            lg.scalar(f"eval/{task}/success_rate", v["success_rate"], step)
+        lg.scalar(f"eval/{task}/return", v["return"], step)
+    lg.flush()
