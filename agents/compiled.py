@@ -19,7 +19,8 @@ graph that mutates the optimizer state may be run without the CUDA graph by PyTo
 gradient is pure tensor code) on backbones without ``after_step`` hooks — and stays eager otherwise, with a
 one-line note naming what does not compile. A compilation that fails at its first call falls back to eager with
 a note (the one-graph update: to the split graphs), after re-zeroing the gradients it may have touched, so a run
-never dies of it. Compilation happens at
+never dies of it; so does a later graph variant whose compilation fails (e.g. the update without the Polyak step,
+compiled when it first occurs), the compiler's exceptions told apart from the run's own. Compilation happens at
 the first update (tens of seconds on a 2-core CPU; the time is printed) and again after a resume.
 """
 
@@ -72,12 +73,15 @@ class Compiled:
     def __call__(self, *args: Any) -> Any:
         if self.compiled is None:
             return self.fn(*args)
-        if not self.first:
-            return self.compiled(*args)
-        t0 = time.perf_counter()
+        first, t0 = self.first, time.perf_counter()
         try:
             out = self.compiled(*args)
         except Exception as e:  # noqa: BLE001 - any compiler failure: eager is always correct
+            # At the first call any failure is the compiler's (the eager function has not run yet). Later, a new
+            # graph variant (another argument value, a guard that no longer holds) may be compiled and fail the
+            # same way; an error raised by the compiled code itself is the run's and propagates.
+            if not first and not is_compiler_error(e):
+                raise
             self.compiled = None
             instead = "running it eagerly"
             if self.fallback is not None:
@@ -87,10 +91,18 @@ class Compiled:
             if self.reset is not None:
                 self.reset()
             return self.fn(*args)
-        self.first = False
-        self.seconds = time.perf_counter() - t0
-        print(f"compiled {self.name} ({self.mode}) in {self.seconds:.1f} s", file=sys.stderr, flush=True)
+        if first:
+            self.first = False
+            self.seconds = time.perf_counter() - t0
+            print(f"compiled {self.name} ({self.mode}) in {self.seconds:.1f} s", file=sys.stderr, flush=True)
         return out
+
+
+def is_compiler_error(e: BaseException) -> bool:
+    """True for an exception raised by Dynamo, AOTAutograd or Inductor while building a graph."""
+    from torch._dynamo.exc import TorchDynamoException
+
+    return isinstance(e, TorchDynamoException) or type(e).__module__.startswith(("torch._inductor", "torch._dynamo"))
 
 
 def resolve(mode: str, device: torch.device, methods: List[Any], modules: List[nn.Module]) -> str:

@@ -252,3 +252,22 @@ def test_compiled_ppo_minibatch_update_agrees_with_eager(one_thread):
     torch.testing.assert_close(ic["actor_losses"], ie["actor_losses"], rtol=1e-4, atol=1e-5)
     for a, c in zip(eager.actor.parameters(), comp.actor.parameters()):
         torch.testing.assert_close(c, a, rtol=1e-4, atol=1e-5)
+
+
+def test_compiled_falls_back_to_eager_when_a_later_graph_variant_fails_to_compile(capsys, one_thread):
+    """The first variant compiles; a later one (another argument value) cannot be one graph: it runs eagerly,
+    with a note, instead of killing the run."""
+    from agents.compiled import Compiled
+
+    def f(x: torch.Tensor, flag: bool) -> torch.Tensor:
+        if flag:
+            torch._dynamo.graph_break()  # a no-op eagerly; unbuildable under fullgraph=True
+        return x * 2 + 1
+
+    c = Compiled(f, "default", "the toy step", fullgraph=True)
+    x = torch.arange(3.0)
+    torch.testing.assert_close(c(x, False), x * 2 + 1)
+    assert c.compiled is not None
+    torch.testing.assert_close(c(x, True), x * 2 + 1)
+    assert c.compiled is None
+    assert "torch.compile of the toy step failed" in capsys.readouterr().err
