@@ -8,7 +8,10 @@ alternating rounds (eager, compiled, eager, ...), so a machine whose load drifts
 medians over ``--repeats`` rounds and the ratio compiled / eager. Compilation (paid once, at the first update) is
 shown separately and excluded from the timing. ``--split`` adds, for SAC, the earlier compiled form (only the
 critic and actor gradients compiled, the optimizer steps eager: ``MTSAC.compile(one_graph=False)``) as a third
-column, so the gain of the one-graph update is measured in the same run.
+column, so the gain of the one-graph update is measured in the same run. "matmuls-only" is the rate of an update
+that spent nothing but its matrix-multiply kernel time (profiled, ``matmul_seconds``; the smaller of the eager and
+the compiled update's): the ceiling for any compiled form that does the same arithmetic with these GEMM kernels,
+and so the largest compiled/eager ratio this machine allows at that size.
 
     python scripts/bench_learner.py [--device cpu|cuda] [--threads 1] [--repeats 5] [--widths 8,400]
                                     [--methods mtsac,pcgrad,moe] [--algos sac,ppo] [--compile default]
@@ -84,6 +87,26 @@ def rate(fn, device: torch.device, seconds: float) -> float:
     return n / (time.perf_counter() - t0)
 
 
+MATMULS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
+
+
+def matmul_seconds(fn, device: torch.device, n: int = 3) -> float:
+    """Seconds per call that ``fn`` spends inside matrix-multiply kernels (profiler self time of the ATen matmul
+    ops, on the device for CUDA). ``1 / matmul_seconds`` is the rate of an update that did nothing but its
+    matmuls, at this machine's GEMM speed for these shapes: no compiler that keeps the arithmetic can beat it."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    sync(device)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        for _ in range(n):
+            fn()
+        sync(device)
+    attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return sum(getattr(e, attr) for e in prof.key_averages() if e.key in MATMULS) / n / 1e6
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -139,11 +162,13 @@ def main(argv=None) -> int:
                 if split:
                     sp = statistics.median(r["split"])
                     extra = (f"{sp:.1f}", f"{sp / e:.2f}")
-                rows.append((algo, name, str(width), f"{e:.1f}", f"{c:.1f}", f"{c / e:.2f}", *extra, used,
-                             f"{compile_s:.0f}"))
+                floor = 1.0 / min(matmul_seconds(fns["eager"], device), matmul_seconds(fns["compiled"], device))
+                rows.append((algo, name, str(width), f"{e:.1f}", f"{c:.1f}", f"{c / e:.2f}", *extra,
+                             f"{floor:.1f}", f"{floor / e:.2f}", used, f"{compile_s:.0f}"))
                 print("  " + " | ".join(rows[-1]), flush=True)
     head = ("algo", "method", "width", "eager upd/s", "compiled upd/s", "compiled/eager",
-            *(("split upd/s", "split/eager") if args.split else ()), "mode", "compile s")
+            *(("split upd/s", "split/eager") if args.split else ()), "matmuls-only upd/s", "matmuls-only/eager",
+            "mode", "compile s")
     print("\n| " + " | ".join(head) + " |\n|" + "---|" * len(head))
     for row in rows:
         print("| " + " | ".join(row) + " |")
