@@ -24,6 +24,11 @@ from typing import Dict, List, Optional
 _FILE_SUFFIX = ".py"
 
 
+
+def _first_line(e: BaseException) -> str:
+    """``Type: first line of the message``: a plugin's error in the one line a bad input gets."""
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
+
 def is_reference(name: str) -> bool:
     """``a.b:C`` or ``path/x.py:C`` (a registered name never holds a colon)."""
     return isinstance(name, str) and ":" in name
@@ -67,8 +72,7 @@ def _load_file(target: str, kind: str, ref: str):
         spec.loader.exec_module(module)
     except Exception as e:  # noqa: BLE001 -- whatever the user's file raises becomes one line
         del sys.modules[mod_name]
-        raise ValueError(f"{kind} plugin {ref!r}: importing {str(path)!r} raised {type(e).__name__}: "
-                         f"{(str(e).splitlines() or [''])[0]}") from None
+        raise ValueError(f"{kind} plugin {ref!r}: importing {str(path)!r} raised {_first_line(e)}") from None
     return module
 
 
@@ -79,8 +83,7 @@ def _load_module(target: str, kind: str, ref: str):
         raise ValueError(f"{kind} plugin {ref!r}: no module named {e.name!r} (install it, put it on PYTHONPATH, or "
                          "give a file: path/to/file.py:Class)") from None
     except Exception as e:  # noqa: BLE001
-        raise ValueError(f"{kind} plugin {ref!r}: importing {target!r} raised {type(e).__name__}: "
-                         f"{(str(e).splitlines() or [''])[0]}") from None
+        raise ValueError(f"{kind} plugin {ref!r}: importing {target!r} raised {_first_line(e)}") from None
 
 
 def load_class(ref: str, kind: str, base: type) -> type:
@@ -121,7 +124,7 @@ def load_entry_point(ep: metadata.EntryPoint, kind: str, base: type) -> type:
     try:
         cls = ep.load()
     except Exception as e:  # noqa: BLE001
-        raise ValueError(f"{label}: loading it raised {type(e).__name__}: {(str(e).splitlines() or [''])[0]}") from None
+        raise ValueError(f"{label}: loading it raised {_first_line(e)}") from None
     return check_class(cls, label, base)
 
 
