@@ -11,7 +11,10 @@ ratio to the raw one-core rate of the same N, and where the workers' time went (
 simulator and bookkeeping, as the workers time it). ``--actions random`` is the warm-up (uniform actions, no
 forward); ``--actions forward-random`` runs the forward every vector step but steps the envs with uniform random
 actions, so the physics is that of the raw loop and the difference to it is the policy's cost alone (a fresh
-policy's actions can make the simulator slower or faster than random ones). ``--cluster`` repeats the largest
+policy's actions can make the simulator slower or faster than random ones). The raw loops and the Ray
+configurations are timed in alternating rounds (``--repeats`` rounds of ``--seconds`` each; the pools stay up
+between rounds), each ratio is taken within its round, and medians are printed: the machine's speed drifts too
+much over minutes for rates measured one after the other. ``--cluster`` repeats the largest
 (W, N) on a loopback two-node Ray cluster (``ray.cluster_utils.Cluster``: a head and a second node on this host,
 one CPU each) and prints which node each worker ran on and its share of the steps. ``--learner`` also runs the
 real training loop and prints the learner's updates/s while collecting.
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import time
 from collections import Counter
@@ -73,12 +77,9 @@ def _forward_random_worker():
     return ForwardRandom
 
 
-def ray_rate(suite, workers: int, envs_per_task: int, seconds: float, chunk: int, actions: str
-             ) -> Tuple[float, Dict[str, int], Tuple[float, float]]:
-    """Env steps/s delivered by ``workers`` Ray workers holding the T x N envs, env steps per Ray node, and the
-    workers' seconds per vector step in the policy and in the rest (the simulator and bookkeeping)."""
-    import numpy as np
-
+def start_pool(suite, workers: int, envs_per_task: int, actions: str):
+    """``workers`` Ray workers holding the T x N envs (as training deals them), a fresh policy broadcast, a warm-up
+    call each (the first calls pay imports and allocation). Returns (pool, each worker's Ray node id)."""
     from agents.sac import MTSAC
     from mtrl.config import SACConfig
     from mtrl.rollout import WorkerPool, WorkerSpec, split_envs
@@ -92,28 +93,37 @@ def ray_rate(suite, workers: int, envs_per_task: int, seconds: float, chunk: int
              for i, sl in enumerate(slots)]
     pool = WorkerPool(specs, use_ray=True,
                       worker_cls=_forward_random_worker() if actions == "forward-random" else None)
-    try:
-        agent = MTSAC(suite.obs_dim, suite.act_dim, suite.num_tasks, suite.action_mask, SACConfig())
-        pool.broadcast(agent.policy_state())
-        nodes = [_node_of(w) for w in pool.workers]
-        for i in pool.idle():  # warm-up round (first calls pay imports and allocation)
-            pool.submit_collect(i, 5)
-        while pool.pending:
-            pool.ready(block=True)
-        per_node: Counter = Counter()
-        n, t0, vsteps, t_pol, t_env = 0, time.perf_counter(), 0, 0.0, 0.0
-        while time.perf_counter() - t0 < seconds:
-            for i in pool.idle():
-                pool.submit_collect(i, chunk)
-            for i, res in pool.ready(block=True):
-                n += int(res["steps"])
-                per_node[nodes[i]] += int(res["steps"])
-                vsteps += chunk
-                t_pol, t_env = t_pol + res["time_policy"], t_env + res["time_env"]
-                np.asarray(res["obs"]).sum()  # touch the data in the learner's process
-        return n / (time.perf_counter() - t0), dict(per_node), (t_pol / vsteps, t_env / vsteps)
-    finally:
-        pool.shutdown()
+    agent = MTSAC(suite.obs_dim, suite.act_dim, suite.num_tasks, suite.action_mask, SACConfig())
+    pool.broadcast(agent.policy_state())
+    nodes = [_node_of(w) for w in pool.workers]
+    for i in pool.idle():
+        pool.submit_collect(i, 5)
+    while pool.pending:
+        pool.ready(block=True)
+    return pool, nodes
+
+
+def measure(pool, nodes: List[str], seconds: float, chunk: int) -> Tuple[float, Dict[str, int], Tuple[float, float]]:
+    """Env steps/s the pool delivers to this process over ``seconds`` (one collect in flight per worker, as the
+    training loop keeps it), env steps per Ray node, and the workers' seconds per vector step in the policy and
+    in the rest (the simulator and bookkeeping)."""
+    import numpy as np
+
+    per_node: Counter = Counter()
+    n, t0, vsteps, t_pol, t_env = 0, time.perf_counter(), 0, 0.0, 0.0
+    while time.perf_counter() - t0 < seconds:
+        for i in pool.idle():
+            pool.submit_collect(i, chunk)
+        for i, res in pool.ready(block=True):
+            n += int(res["steps"])
+            per_node[nodes[i]] += int(res["steps"])
+            vsteps += chunk
+            t_pol, t_env = t_pol + res["time_policy"], t_env + res["time_env"]
+            np.asarray(res["obs"]).sum()  # touch the data in the learner's process
+    rate = n / (time.perf_counter() - t0)
+    while pool.pending:  # the next round starts with idle workers
+        pool.ready(block=True)
+    return rate, dict(per_node), (t_pol / vsteps, t_env / vsteps)
 
 
 def learner_rate(suite, workers: int, envs_per_task: int, seconds: float):
@@ -149,7 +159,8 @@ def main() -> int:
     p.add_argument("--suite", default="mt1-reach-v3")
     p.add_argument("--workers", default="1,2", help="comma-separated worker counts")
     p.add_argument("--envs-per-task", default="1,4", help="comma-separated environments per task")
-    p.add_argument("--seconds", type=float, default=15.0, help="measurement time per configuration")
+    p.add_argument("--seconds", type=float, default=5.0, help="measurement time per configuration and round")
+    p.add_argument("--repeats", type=int, default=3, help="alternating rounds (medians are printed)")
     p.add_argument("--chunk", type=int, default=50, help="env steps per environment per worker call")
     p.add_argument("--actions", choices=("policy", "random", "forward-random"), default="policy",
                    help="policy: the policy's actions; random: uniform, no forward (the warm-up); forward-random: "
@@ -172,26 +183,44 @@ def main() -> int:
     suite = get_suite(a.suite)
     counts, per_task = _ints(a.workers), _ints(a.envs_per_task)
     grid = [(w, n) for n in per_task for w in counts if w <= suite.num_tasks * n]
-    cpus = max(os.cpu_count() or 1, max(counts))
+    cpus = max(os.cpu_count() or 1, sum(w for w, _ in grid))  # every pool stays up (idle between its rounds)
     policy = {"policy": "policy actions (3x400 MLP, one call per vector step)",
               "random": "random actions (no policy forward)",
               "forward-random": "3x400 MLP forward every vector step, random actions stepped"}[a.actions]
     print(f"suite {suite.name} ({suite.num_tasks} tasks), {os.cpu_count()} cores, chunk {a.chunk}, {policy} in "
           "workers")
-    raw = {n: raw_rate(suite, n, a.seconds) for n in per_task}
-    for n in per_task:
-        print(f"raw SyncVectorEnv, {suite.num_tasks * n} envs ({n}/task), random actions, 1 core: "
-              f"{raw[n]:9.0f} steps/s")
     ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
-    rates = {}
     try:
+        pools = {(w, n): start_pool(suite, w, n, a.actions) for w, n in grid}
+        # Alternating rounds (raw, then each Ray configuration, repeated): this machine's speed drifts by +-20%
+        # over minutes, so every ratio is taken within one round and the medians are reported.
+        raw: Dict[int, List[float]] = {n: [] for n in per_task}
+        rates: Dict[Tuple[int, int], List[float]] = {k: [] for k in grid}
+        ratio: Dict[Tuple[int, int], List[float]] = {k: [] for k in grid}
+        scale: Dict[Tuple[int, int], List[float]] = {k: [] for k in grid}
+        split: Dict[Tuple[int, int], List[Tuple[float, float]]] = {k: [] for k in grid}
+        for _ in range(a.repeats):
+            for n in per_task:
+                raw[n].append(raw_rate(suite, n, a.seconds))
+            for w, n in grid:
+                r, _, times = measure(*pools[w, n], a.seconds, a.chunk)
+                rates[w, n].append(r)
+                split[w, n].append(times)
+                ratio[w, n].append(r / (w * raw[n][-1]))
+                scale[w, n].append(r / rates[min(counts), n][-1] if (min(counts), n) in rates else 1.0)
+        med = statistics.median
+        for n in per_task:
+            print(f"raw SyncVectorEnv, {suite.num_tasks * n} envs ({n}/task), random actions, 1 core: "
+                  f"{med(raw[n]):9.0f} steps/s")
         for w, n in grid:
-            r, _, (pol, env) = ray_rate(suite, w, n, a.seconds, a.chunk, a.actions)
-            rates[w, n] = r
-            print(f"Ray workers={w} envs-per-task={n}: {r:9.0f} steps/s, {r / w:8.0f} per core, "
-                  f"per core / raw({n}/task) = {r / (w * raw[n]):.2f}, vs workers={min(counts)}: "
-                  f"{r / rates.get((min(counts), n), r):.2f}x; per worker vector step: policy {pol * 1e3:.2f} ms, "
-                  f"envs {env * 1e3:.2f} ms (raw: {suite.num_tasks * n / raw[n] * 1e3:.2f} ms)")
+            pol, env = med(t for t, _ in split[w, n]), med(t for _, t in split[w, n])
+            print(f"Ray workers={w} envs-per-task={n}: {med(rates[w, n]):9.0f} steps/s, "
+                  f"{med(rates[w, n]) / w:8.0f} per core, per core / raw({n}/task) = {med(ratio[w, n]):.2f}, "
+                  f"vs workers={min(counts)}: {med(scale[w, n]):.2f}x; per worker vector step: policy "
+                  f"{pol * 1e3:.2f} ms, envs {env * 1e3:.2f} ms (raw: {suite.num_tasks * n / med(raw[n]) * 1e3:.2f} "
+                  "ms for all its envs)")
+        for pool, _ in pools.values():
+            pool.shutdown()
         if a.learner:
             for w, n in grid:
                 ups, fps = learner_rate(suite, w, n, a.seconds)
@@ -207,7 +236,7 @@ def main() -> int:
         try:
             cluster.add_node(num_cpus=1)
             cluster.wait_for_nodes()
-            r, per_node, _ = ray_rate(suite, w, n, a.seconds, a.chunk, a.actions)
+            r, per_node, _ = measure(*start_pool(suite, w, n, a.actions), a.seconds, a.chunk)
             shares = ", ".join(f"node {k[:8]}: {v / sum(per_node.values()):.0%}" for k, v in per_node.items())
             print(f"two-node loopback cluster, workers={w} envs-per-task={n}: {r:9.0f} steps/s over "
                   f"{len(per_node)} node(s) ({shares})")
