@@ -107,6 +107,25 @@ def matmul_seconds(fn, device: torch.device, n: int = 3) -> float:
     return sum(getattr(e, attr) for e in prof.key_averages() if e.key in MATMULS) / n / 1e6
 
 
+def print_profile(fn, device: torch.device, title: str, n: int = 20) -> None:
+    """Milliseconds per update by op (self time), the top 12, for ``n`` updates of ``fn``: Inductor's generated
+    kernels, the ATen calls it leaves (matmuls), and Dynamo's per-call cost (its cache lookup)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    sync(device)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        for _ in range(n):
+            fn()
+        sync(device)
+    attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    rows = sorted(prof.key_averages(), key=lambda e: -getattr(e, attr))[:12]
+    print(f"  profile of {title}, ms per update by op (self time):")
+    for e in rows:
+        print(f"    {getattr(e, attr) / n / 1e3:7.3f} ms  {e.count // n:4d} calls  {e.key[:90]}")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -122,6 +141,8 @@ def main(argv=None) -> int:
                          "optimizer steps eager) next to the compiled update")
     ap.add_argument("--one-graph", action="store_true",
                     help="SAC: compile the whole update as one graph for every method (default: mtsac only)")
+    ap.add_argument("--profile", action="store_true",
+                    help="also print where one compiled update's time goes (torch.profiler, top ops by self time)")
     args = ap.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("--device cuda: no CUDA device is visible to torch; valid here: cpu", file=sys.stderr)
@@ -162,6 +183,8 @@ def main(argv=None) -> int:
                 if split:
                     sp = statistics.median(r["split"])
                     extra = (f"{sp:.1f}", f"{sp / e:.2f}")
+                if args.profile:
+                    print_profile(fns["compiled"], device, f"{algo} {name} width {width}, compiled ({used})")
                 floor = 1.0 / min(matmul_seconds(fns["eager"], device), matmul_seconds(fns["compiled"], device))
                 rows.append((algo, name, str(width), f"{e:.1f}", f"{c:.1f}", f"{c / e:.2f}", *extra,
                              f"{floor:.1f}", f"{floor / e:.2f}", used, f"{compile_s:.0f}"))

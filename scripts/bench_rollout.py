@@ -57,6 +57,25 @@ def raw_rate(suite, envs_per_task: int, seconds: float) -> float:
     return rate
 
 
+def forward_ms(suite, envs_per_task: int, seconds: float = 1.0) -> float:
+    """The 3x400 actor's forward for the T x N observations of one vector step, called back to back in this
+    process (weights stay in cache): milliseconds per call, to set beside the workers' in-the-loop figure."""
+    import torch
+
+    from agents.sac import Actor
+
+    k = suite.num_tasks * envs_per_task
+    actor = Actor(suite.obs_dim, suite.act_dim, suite.num_tasks, "mlp", {}, -20.0, 2.0).eval()
+    obs, tids = torch.randn(k, suite.obs_dim), torch.arange(k) % suite.num_tasks
+    mask, gen = torch.ones(k, suite.act_dim), torch.Generator().manual_seed(0)
+    n, t0 = 0, time.perf_counter()
+    with torch.inference_mode():
+        while time.perf_counter() - t0 < seconds:
+            actor.act(obs, tids, mask, False, generator=gen)
+            n += 1
+    return (time.perf_counter() - t0) / n * 1e3
+
+
 def _node_of(worker) -> str:
     import ray
 
@@ -211,7 +230,8 @@ def main() -> int:
         med = statistics.median
         for n in per_task:
             print(f"raw SyncVectorEnv, {suite.num_tasks * n} envs ({n}/task), random actions, 1 core: "
-                  f"{med(raw[n]):9.0f} steps/s")
+                  f"{med(raw[n]):9.0f} steps/s; the 3x400 forward for its {suite.num_tasks * n} observations, back to "
+                  f"back in one process: {forward_ms(suite, n):.2f} ms per call")
         for w, n in grid:
             pol, env = med(t for t, _ in split[w, n]), med(t for _, t in split[w, n])
             print(f"Ray workers={w} envs-per-task={n}: {med(rates[w, n]):9.0f} steps/s, "
