@@ -45,6 +45,17 @@ def test_random_actions_then_policy_actions_respect_padding_mask():
     assert np.all(np.abs(a[:, 0]) <= 1)
 
 
+def test_warm_up_runs_no_policy_forward_and_chunks_report_where_the_time_went():
+    w = RolloutWorker(_spec("mt1-reach-v3", [], [0, 0], learning_starts=4))
+    calls = []
+    act = w.policy.act
+    w.policy.act = lambda *a, **k: calls.append(1) or act(*a, **k)
+    out = w.collect(6)  # 4 random steps per env (no forward: its actions would all be discarded), then 2 with it
+    assert len(calls) == 2
+    assert np.all(np.abs(out["action"]) <= 1)
+    assert 0 < out["time_policy"] and 0 < out["time_env"]
+
+
 @pytest.mark.ray
 def test_two_ray_workers_deliver_transitions_from_every_task(ray_local):
     s = get_suite("mt10")

@@ -124,4 +124,4 @@ def test_every_task_gets_its_share_with_two_ray_workers(tmp_path, ray_local, sui
     assert rc == 0
     res = json.loads((run / "results.json").read_text())["final"]
     _spread_ok(res, 20, 1)
-    assert "rollout/env_steps_spread" in scalars(run)
+    assert {"rollout/env_steps_spread", "workers/policy_time_share"} <= set(scalars(run))
