@@ -1,7 +1,8 @@
 """What the off-policy and on-policy training loops share (``mtrl/runner.py``, ``mtrl/onpolicy.py``): the run
 directory and its files, the learner (``mtrl/learner.py``), the rollout workers (Ray actors or in-process; their
-specs, pool and restarts are in ``mtrl/supply.py``), the periodic non-finite check, evaluation, checkpoints and ``--resume``, and the rollout/time,
-gradient and backbone logging. A subclass supplies ``run_until`` (its loop) and its worker class.
+specs, pool and restarts are in ``mtrl/supply.py``), the periodic non-finite check, evaluation, checkpoints and
+``--resume``, and the rollout/time, gradient and backbone logging. A subclass supplies ``run_until`` (its loop) and
+its worker class.
 """
 
 from __future__ import annotations

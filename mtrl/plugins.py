@@ -24,10 +24,10 @@ from typing import Dict, List, Optional
 _FILE_SUFFIX = ".py"
 
 
-
 def _first_line(e: BaseException) -> str:
     """``Type: first line of the message``: a plugin's error in the one line a bad input gets."""
     return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
+
 
 def is_reference(name: str) -> bool:
     """``a.b:C`` or ``path/x.py:C`` (a registered name never holds a colon)."""

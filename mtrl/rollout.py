@@ -156,7 +156,7 @@ class RolloutWorker:
             act = uni  # warm-up: the policy's actions would all be discarded, so it is not run
         else:
             obs = torch.as_tensor(self.obs, dtype=torch.float32)
-            with torch.inference_mode():  # no autograd bookkeeping at all: acting is ~10% cheaper than no_grad
+            with torch.inference_mode():  # acting needs no autograd bookkeeping at all (not even version counters)
                 act = self.policy.act(obs, self.tids, self.mask, deterministic, generator=self.gen,
                                       **context_kw(self.window)).numpy()
             if uni is not None:
