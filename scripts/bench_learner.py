@@ -90,10 +90,9 @@ def rate(fn, device: torch.device, seconds: float) -> float:
 MATMULS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
 
 
-def matmul_seconds(fn, device: torch.device, n: int = 3) -> float:
-    """Seconds per call that ``fn`` spends inside matrix-multiply kernels (profiler self time of the ATen matmul
-    ops, on the device for CUDA). ``1 / matmul_seconds`` is the rate of an update that did nothing but its
-    matmuls, at this machine's GEMM speed for these shapes: no compiler that keeps the arithmetic can beat it."""
+def op_self_us(fn, device: torch.device, n: int) -> Dict[str, Tuple[float, int]]:
+    """{op name: (self time in microseconds, calls)} per call of ``fn`` over ``n`` profiled calls (after one
+    unprofiled warm-up call); device time for CUDA, CPU time otherwise."""
     from torch.profiler import ProfilerActivity, profile
 
     fn()
@@ -104,26 +103,23 @@ def matmul_seconds(fn, device: torch.device, n: int = 3) -> float:
             fn()
         sync(device)
     attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    return sum(getattr(e, attr) for e in prof.key_averages() if e.key in MATMULS) / n / 1e6
+    return {e.key: (getattr(e, attr) / n, e.count // n) for e in prof.key_averages()}
+
+
+def matmul_seconds(fn, device: torch.device, n: int = 3) -> float:
+    """Seconds per call that ``fn`` spends inside matrix-multiply kernels (profiler self time of the ATen matmul
+    ops, on the device for CUDA). ``1 / matmul_seconds`` is the rate of an update that did nothing but its
+    matmuls, at this machine's GEMM speed for these shapes: no compiler that keeps the arithmetic can beat it."""
+    return sum(us for k, (us, _) in op_self_us(fn, device, n).items() if k in MATMULS) / 1e6
 
 
 def print_profile(fn, device: torch.device, title: str, n: int = 20) -> None:
     """Milliseconds per update by op (self time), the top 12, for ``n`` updates of ``fn``: Inductor's generated
     kernels, the ATen calls it leaves (matmuls), and Dynamo's per-call cost (its cache lookup)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    fn()
-    sync(device)
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=acts) as prof:
-        for _ in range(n):
-            fn()
-        sync(device)
-    attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    rows = sorted(prof.key_averages(), key=lambda e: -getattr(e, attr))[:12]
+    rows = sorted(op_self_us(fn, device, n).items(), key=lambda kv: -kv[1][0])[:12]
     print(f"  profile of {title}, ms per update by op (self time):")
-    for e in rows:
-        print(f"    {getattr(e, attr) / n / 1e3:7.3f} ms  {e.count // n:4d} calls  {e.key[:90]}")
+    for key, (us, calls) in rows:
+        print(f"    {us / 1e3:7.3f} ms  {calls:4d} calls  {key[:90]}")
 
 
 def main(argv=None) -> int:
