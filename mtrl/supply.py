@@ -67,4 +67,3 @@ class WorkerSupply:
         print(f"warning: rollout worker {i} ({', '.join(names)}) failed: {error}; restarting "
               f"({self.failures_in_a_row[i]}/{self.cfg.max_worker_restarts})", file=sys.stderr, flush=True)
         self.pool.replace(i, self._worker_spec(i, self.slots[i]))
-
