@@ -21,14 +21,20 @@ one-line note naming what does not compile. A compilation that fails at its firs
 a note (the one-graph update: to the split graphs), after re-zeroing the gradients it may have touched, so a run
 never dies of it; so does a later graph variant whose compilation fails (e.g. the update without the Polyak step,
 compiled when it first occurs), the compiler's exceptions told apart from the run's own. Compilation happens at
-the first update (tens of seconds on a 2-core CPU; the time is printed) and again after a resume.
+the first update (about a minute for the whole MT-SAC update on a 2-core CPU with an empty Inductor cache; the
+time is printed) and again after a resume (then mostly from Inductor's on-disk cache).
+
+Every graph is compiled with :class:`agents.small_matmul.SmallMatmulPass`: on CPU, the small matrix products of
+narrow networks become generated loops fused with their neighbours instead of BLAS calls (MKL is slow on skinny
+products; see that module). ``MTSAC.compile(small_matmul=False)`` turns it off (``scripts/bench_learner.py
+--ablate-small-matmul`` measures what it buys).
 """
 
 from __future__ import annotations
 
 import sys
 import time
-from typing import Any, Callable, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -55,9 +61,11 @@ class Compiled:
     """
 
     def __init__(self, fn: Callable, mode: str, name: str, reset: Optional[Callable[[], None]] = None,
-                 fullgraph: bool = False, fallback: Optional[Tuple[Callable, str]] = None) -> None:
+                 fullgraph: bool = False, fallback: Optional[Tuple[Callable, str]] = None,
+                 small_matmul: bool = True) -> None:
         """``fullgraph``: one graph or a failure (then nothing of it has run, so ``fallback`` can redo the call);
-        ``fallback``: (what to run instead of ``fn`` after a failure, its name for the note)."""
+        ``fallback``: (what to run instead of ``fn`` after a failure, its name for the note); ``small_matmul``:
+        with :class:`agents.small_matmul.SmallMatmulPass` (small CPU matrix products as generated loops)."""
         self.fn, self.name, self.reset = fn, name, reset
         self.fallback = fallback
         self.mode = mode
@@ -65,7 +73,7 @@ class Compiled:
         # (torch.compiler.skip_guard_on_all_nn_modules_unsafe) was tried and is wrong: two agents in one process
         # share the method's code object, so the second one ran the first one's graph (a 3 x 8 graph on 3 x 400
         # weights).
-        self.compiled: Optional[Callable] = torch.compile(fn, mode=None if mode == "default" else mode,
+        self.compiled: Optional[Callable] = torch.compile(fn, options=inductor_options(mode, small_matmul),
                                                           dynamic=False, fullgraph=fullgraph)
         self.first = True
         self.seconds = 0.0
@@ -96,6 +104,17 @@ class Compiled:
             self.seconds = time.perf_counter() - t0
             print(f"compiled {self.name} ({self.mode}) in {self.seconds:.1f} s", file=sys.stderr, flush=True)
         return out
+
+
+def inductor_options(mode: str, small_matmul: bool = True) -> Dict[str, Any]:
+    """``torch.compile``'s options for ``mode`` (it takes a mode or options, not both), plus the small-matmul
+    pass, which rewrites only CPU products and so is a no-op on CUDA."""
+    opts: Dict[str, Any] = dict(torch._inductor.list_mode_options(mode)) if mode != "default" else {}
+    if small_matmul:
+        from agents.small_matmul import SmallMatmulPass
+
+        opts["post_grad_custom_pre_pass"] = SmallMatmulPass()
+    return opts
 
 
 def is_compiler_error(e: BaseException) -> bool:

@@ -75,7 +75,10 @@ class FlatGrads:
     def zero(self, traced: bool = False) -> None:
         """``traced``: inside the one-graph update, on the separate ``.grad`` tensors (:meth:`separate`)."""
         if traced:
-            torch._foreach_zero_(self.tensors())
+            # Per tensor, not torch._foreach_zero_: Inductor has no lowering for that one and calls it as an
+            # opaque kernel (plus a copy of each result); zero_ fuses into the graph's kernels.
+            for g in self.tensors():
+                g.zero_()
             return
         if not self.intact():
             self.attach()
@@ -83,7 +86,9 @@ class FlatGrads:
 
     def norm(self, traced: bool = False) -> Tensor:
         if traced:
-            return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(self.tensors())))
+            # sqrt of the summed squares rather than torch._foreach_norm, which Inductor leaves to an opaque
+            # per-tensor kernel; this fuses into the graph (same value up to float rounding).
+            return torch.stack([g.square().sum() for g in self.tensors()]).sum().sqrt()
         return torch.linalg.vector_norm(self.buffer)
 
     def clip_(self, norm: Tensor, max_norm: float, traced: bool = False) -> None:

@@ -468,7 +468,7 @@ class MTSAC:
         ainfo = method_grads(self.actor, self.actor_method, actor_loss, ab, self.task_ids, self.actor_task_specific)
         return ainfo, ab, alpha_losses, -logp.view(T, B).mean(1)
 
-    def compile(self, mode: str = "auto", one_graph: Optional[bool] = None) -> str:
+    def compile(self, mode: str = "auto", one_graph: Optional[bool] = None, small_matmul: bool = True) -> str:
         """Compile the update (``agents/compiled.py``); returns the mode used.
 
         Without ``after_step`` hooks: the whole update after the noise draws (:meth:`full_step`) as one graph,
@@ -480,28 +480,32 @@ class MTSAC:
         ``one_graph=None`` (default): one graph for the plain mean (``mtsac``) only. Measured on the 2-core CPU
         (loaded, indicative), one graph beat the split at width 8 for mtsac (+10%) and pcgrad (+21%), tied for mtsac
         at 3 x 400 but was ~8% slower for pcgrad at 3 x 400 (the traced Adam is ~5x slower than the fused kernel
-        there), so the Jacobian methods keep the split unless ``one_graph=True``."""
+        there), so the Jacobian methods keep the split unless ``one_graph=True``. ``small_matmul=False``: without
+        the CPU small-matmul graph pass (``agents/small_matmul.py``), for measuring what it buys."""
         used = compiled.resolve(mode, self.device, [self.critic_method, self.actor_method], [self.actor, self.critic])
         if used == "off":
             return used
         if one_graph is None:
             one_graph = all(m.kind == "mean" for m in (self.critic_method, self.actor_method))
         if any(self.hooks.values()) or not one_graph:
-            self._compile_parts(used)
+            self._compile_parts(used, small_matmul)
             return used
 
         def split(*args: Any) -> Dict[str, Tensor]:
             self._full = None
-            self._compile_parts(used)
+            self._compile_parts(used, small_matmul)
             return self.step(*args)
 
         self._full = compiled.Compiled(self.full_step, used, "the whole update", self._zero_grads, fullgraph=True,
-                                       fallback=(split, "the critic and actor gradients compiled apart"))
+                                       fallback=(split, "the critic and actor gradients compiled apart"),
+                                       small_matmul=small_matmul)
         return used
 
-    def _compile_parts(self, mode: str) -> None:
-        self._critic_grads = compiled.Compiled(self.critic_grads, mode, "the critic gradient", self._zero_grads)
-        self._actor_grads = compiled.Compiled(self.actor_grads, mode, "the actor gradient", self._zero_grads)
+    def _compile_parts(self, mode: str, small_matmul: bool = True) -> None:
+        self._critic_grads = compiled.Compiled(self.critic_grads, mode, "the critic gradient", self._zero_grads,
+                                               small_matmul=small_matmul)
+        self._actor_grads = compiled.Compiled(self.actor_grads, mode, "the actor gradient", self._zero_grads,
+                                              small_matmul=small_matmul)
 
     def _zero_grads(self) -> None:
         for g in (*self.grads.values(), self.alpha_grads):

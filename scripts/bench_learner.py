@@ -8,14 +8,16 @@ alternating rounds (eager, compiled, eager, ...), so a machine whose load drifts
 medians over ``--repeats`` rounds and the ratio compiled / eager. Compilation (paid once, at the first update) is
 shown separately and excluded from the timing. ``--split`` adds, for SAC, the earlier compiled form (only the
 critic and actor gradients compiled, the optimizer steps eager: ``MTSAC.compile(one_graph=False)``) as a third
-column, so the gain of the one-graph update is measured in the same run. "matmuls-only" is the rate of an update
-that spent nothing but its matrix-multiply kernel time (profiled, ``matmul_seconds``; the smaller of the eager and
-the compiled update's): the ceiling for any compiled form that does the same arithmetic with these GEMM kernels,
-and so the largest compiled/eager ratio this machine allows at that size.
+column, so the gain of the one-graph update is measured in the same run. ``--ablate-small-matmul`` adds the
+compiled update without the small-matmul graph pass (``agents/small_matmul.py``) as a column. "matmuls-only" is
+the rate of an update that spent nothing but the eager update's matrix-multiply kernel time (profiled,
+``matmul_seconds``): the ceiling for any compiled form that does the same arithmetic with these BLAS kernels, and so
+the largest compiled/eager ratio this machine allows at that size unless the products leave BLAS (at small widths
+the pass turns them into generated loops, so there the compiled update may pass it).
 
     python scripts/bench_learner.py [--device cpu|cuda] [--threads 1] [--repeats 5] [--widths 8,400]
                                     [--methods mtsac,pcgrad,moe] [--algos sac,ppo] [--compile default]
-                                    [--split] [--one-graph]
+                                    [--split] [--one-graph] [--ablate-small-matmul] [--profile]
 
 A name among ``--methods`` that is a backbone (e.g. ``moe``) means ``mtsac`` on that backbone.
 """
@@ -43,11 +45,11 @@ T, B, OBS, ACT = 10, 128, 39, 4
 
 
 def sac_case(method: str, backbone: str, width: int, device: torch.device, mode: str,
-             one_graph: Optional[bool] = None):
+             one_graph: Optional[bool] = None, small_matmul: bool = True):
     torch.manual_seed(0)
     agent = MTSAC(OBS, ACT, T, np.ones((T, ACT), np.float32), SACConfig(), backbone=backbone,
                   backbone_kwargs={"width": width, "depth": 3}, method=method, device=device, seed=0)
-    used = agent.compile(mode, one_graph=one_graph) if mode != "off" else "off"
+    used = agent.compile(mode, one_graph=one_graph, small_matmul=small_matmul) if mode != "off" else "off"
     g = torch.Generator().manual_seed(0)
     batch = {"obs": torch.randn(T, B, OBS, generator=g), "action": torch.rand(T, B, ACT, generator=g) * 2 - 1,
              "reward": torch.randn(T, B, generator=g), "next_obs": torch.randn(T, B, OBS, generator=g),
@@ -57,7 +59,7 @@ def sac_case(method: str, backbone: str, width: int, device: torch.device, mode:
 
 
 def ppo_case(method: str, backbone: str, width: int, device: torch.device, mode: str,
-             one_graph: Optional[bool] = None):
+             one_graph: Optional[bool] = None, small_matmul: bool = True):
     torch.manual_seed(0)
     cfg = PPOConfig(epochs=1, minibatches=1)
     agent = MTPPO(OBS, ACT, T, np.ones((T, ACT), np.float32), cfg, backbone=backbone,
@@ -137,6 +139,9 @@ def main(argv=None) -> int:
                          "optimizer steps eager) next to the compiled update")
     ap.add_argument("--one-graph", action="store_true",
                     help="SAC: compile the whole update as one graph for every method (default: mtsac only)")
+    ap.add_argument("--ablate-small-matmul", action="store_true",
+                    help="SAC: also time the compiled update without the small-matmul graph pass "
+                         "(agents/small_matmul.py), so what it buys is measured in the same run")
     ap.add_argument("--profile", action="store_true",
                     help="also print where one compiled update's time goes (torch.profiler, top ops by self time)")
     args = ap.parse_args(argv)
@@ -152,6 +157,7 @@ def main(argv=None) -> int:
     for algo in args.algos.split(","):
         case = sac_case if algo == "sac" else ppo_case
         split = args.split and algo == "sac"
+        ablate = args.ablate_small_matmul and algo == "sac"
         for name in args.methods.split(","):
             method, backbone = ("mtsac", name) if name in backbones else (name, "mlp")
             for width in (int(w) for w in args.widths.split(",")):
@@ -160,6 +166,9 @@ def main(argv=None) -> int:
                                                     one_graph=True if args.one_graph else None)
                 if split:
                     fns["split"] = case(method, backbone, width, device, args.compile, one_graph=False)[0]
+                if ablate:
+                    fns["no pass"] = case(method, backbone, width, device, args.compile,
+                                          one_graph=True if args.one_graph else None, small_matmul=False)[0]
                 t0 = time.perf_counter()
                 fns["compiled"]()
                 fns["compiled"]()
@@ -167,7 +176,7 @@ def main(argv=None) -> int:
                 compile_s = time.perf_counter() - t0
                 if getattr(agent, "_full", None) is not None:  # MT-SAC whose whole update compiled as one graph
                     used += ", one graph"
-                for k in ("eager", "split"):
+                for k in ("eager", "split", "no pass"):
                     if k in fns:
                         fns[k](), fns[k]()
                 r: Dict[str, List[float]] = {k: [] for k in fns}
@@ -179,14 +188,19 @@ def main(argv=None) -> int:
                 if split:
                     sp = statistics.median(r["split"])
                     extra = (f"{sp:.1f}", f"{sp / e:.2f}")
+                if args.ablate_small_matmul:
+                    extra += ((f"{statistics.median(r['no pass']):.1f}", f"{statistics.median(r['no pass']) / e:.2f}")
+                              if ablate else ("-", "-"))
                 if args.profile:
                     print_profile(fns["compiled"], device, f"{algo} {name} width {width}, compiled ({used})")
-                floor = 1.0 / min(matmul_seconds(fns["eager"], device), matmul_seconds(fns["compiled"], device))
+                floor = 1.0 / matmul_seconds(fns["eager"], device)
                 rows.append((algo, name, str(width), f"{e:.1f}", f"{c:.1f}", f"{c / e:.2f}", *extra,
                              f"{floor:.1f}", f"{floor / e:.2f}", used, f"{compile_s:.0f}"))
                 print("  " + " | ".join(rows[-1]), flush=True)
     head = ("algo", "method", "width", "eager upd/s", "compiled upd/s", "compiled/eager",
-            *(("split upd/s", "split/eager") if args.split else ()), "matmuls-only upd/s", "matmuls-only/eager",
+            *(("split upd/s", "split/eager") if args.split else ()),
+            *(("no-pass upd/s", "no-pass/eager") if args.ablate_small_matmul else ()),
+            "matmuls-only upd/s", "matmuls-only/eager",
             "mode", "compile s")
     print("\n| " + " | ".join(head) + " |\n|" + "---|" * len(head))
     for row in rows:
