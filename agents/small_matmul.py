@@ -1,17 +1,19 @@
 """An Inductor graph pass for the compiled learner on CPU: small matrix products as generated loops, not BLAS calls.
 
 Why: at small widths the learner's matrix products are skinny — (1280, 53) @ (53, 8) for a width-8 critic's first
-layer on an MT10 batch, (8, 1280) @ (1280, 53) for its weight gradient — and the BLAS that the PyTorch CPU wheel
-calls (MKL) is slow on them: on our 2-core AMD EPYC machine, one thread, the first takes 110–150 µs (under 10
-GFLOP/s) where OpenBLAS (numpy) takes 26 µs; ``scripts/bench_learner.py --profile`` showed ~2 ms of each compiled
-width-8 MT-SAC update in 65 such calls. Written as a broadcast multiply and a sum (the rule torch's own
+layer on an MT10 batch, (1280, 8) @ (8, 8) for its next ones — and the BLAS that the PyTorch CPU wheel calls (MKL)
+is slow on them: on our 2-core AMD EPYC machine, one thread, the first takes 110–150 µs (under 10 GFLOP/s) where
+OpenBLAS (numpy) takes 26 µs; ``scripts/bench_learner.py --profile`` showed ~2 ms of each compiled width-8 MT-SAC
+update in 65 BLAS calls. Written as a broadcast multiply and a sum (the rule torch's own
 ``decompose_mm_pass`` uses on CUDA, where its CPU thresholds only admit one-row products), Inductor generates each
 as one vectorised C++ loop, fused with the bias, activation or reduction around it.
 
-Which products: 2-d ``mm``/``addmm`` on CPU whose multiply-adds M·K·N are at most ``max_macs`` and whose two
-smaller sizes are at most ``max_dim`` — the products of width-8 to width-32 networks on MT10 batches. A 3 x 400
-network's products (M·K·N ≥ 20M) stay with BLAS, which is fast there. Measured with ``scripts/bench_learner.py``
-(README *Speed*).
+Which products: 2-d ``mm``/``addmm`` on CPU whose multiply-adds M·K·N are at most ``max_macs``, whose reduced size
+K is at most ``max_dim`` and whose smaller output size is at most ``max_dim`` — the forward and input-gradient
+products of width-8 to width-32 networks on MT10 batches. Weight gradients (K = the batch) and a 3 x 400 network's
+products (M·K·N ≥ 20M) stay with BLAS, which is fast there; of the rules tried (all small products, or only those
+with a short reduction) this one measured best (``--ablate-small-matmul`` in ``scripts/bench_learner.py`` measures
+the pass against none; README *Speed*).
 
 Use: ``torch.compile(fn, options={"post_grad_custom_pre_pass": SmallMatmulPass()})`` (``agents/compiled.py`` does
 this on CPU). ``uuid`` keys Inductor's cache on this file and the thresholds, so a changed rule never reuses an old
@@ -31,7 +33,7 @@ from torch._inductor.pattern_matcher import Arg, CallFunction, Match, PatternMat
 aten = torch.ops.aten
 
 MAX_MACS = 1 << 20  # 1M multiply-adds: a (1280, 53) @ (53, 8) product is 0.54M, a 3 x 400 layer's 205M
-MAX_DIM = 64  # the two smaller of (M, K, N)
+MAX_DIM = 64  # the reduced size K and the smaller of the output's (M, N)
 
 _PATTERNS = PatternMatcherPass(pass_name="mtrl_small_matmul")
 _limits = {"max_macs": MAX_MACS, "max_dim": MAX_DIM}
@@ -55,7 +57,9 @@ def is_small(a: torch.fx.Node, b: torch.fx.Node, max_macs: int = MAX_MACS, max_d
 
 
 def _rule(m: int, k: int, n: int, max_macs: int, max_dim: int) -> bool:
-    return m * k * n <= max_macs and sorted((m, k, n))[1] <= max_dim
+    # A long reduction (a weight gradient: k = the batch) would be a strided dot product per output in the
+    # generated loop; BLAS does those well (29 us for (8, 1280) @ (1280, 53)), so they stay with it.
+    return m * k * n <= max_macs and k <= max_dim and min(m, n) <= max_dim
 
 
 def _realize(*nodes: torch.fx.Node) -> None:

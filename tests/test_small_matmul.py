@@ -20,8 +20,9 @@ class _Node:
 
 @pytest.mark.parametrize("a,b,small", [
     ((1280, 53), (53, 8), True),  # a width-8 critic's first layer on an MT10 batch
-    ((8, 1280), (1280, 53), True),  # its weight gradient
-    ((1280, 8), (8, 8), True),
+    ((1280, 8), (8, 8), True),  # the next layers
+    ((1280, 8), (8, 53), True),  # the input gradient of the first layer
+    ((8, 1280), (1280, 53), False),  # a weight gradient: a long reduction, which BLAS does well
     ((1280, 53), (53, 400), False),  # a 3 x 400 network's first layer: BLAS is fast there
     ((1280, 400), (400, 400), False),
     ((400, 1280), (1280, 400), False),
@@ -38,8 +39,8 @@ def test_only_2d_floating_cpu_products_are_rewritten():
 
 
 def test_compiled_mlp_gradient_through_the_pass_equals_eager(one_thread):
-    """A width-8 MLP's loss gradient (forward addmm, backward mm of both shapes): the pass rewrites every product
-    and the compiled gradient equals eager to float tolerance."""
+    """A width-8 MLP's loss gradient (forward addmm, backward mm): the pass rewrites the forward and input-gradient
+    products and the compiled gradient equals eager to float tolerance."""
     g = torch.Generator().manual_seed(0)
     params = {f"w{i}": torch.randn(d_in, d_out, generator=g) * 0.3 for i, (d_in, d_out) in
               enumerate(((53, 8), (8, 8), (8, 1)))}
@@ -56,7 +57,7 @@ def test_compiled_mlp_gradient_through_the_pass_equals_eager(one_thread):
     compiled = Compiled(step, "default", "the toy gradient", fullgraph=True)
     out = compiled(params, x)
     assert compiled.compiled is not None
-    assert sum(small_matmul.REWRITES.values()) - before >= 6  # 3 forward products, >= 3 in the backward
+    assert sum(small_matmul.REWRITES.values()) - before >= 5  # 3 forward products, 2 input gradients
     for k, v in step(params, x).items():
         torch.testing.assert_close(out[k], v, rtol=1e-4, atol=1e-6, msg=k)
 
