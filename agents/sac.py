@@ -477,16 +477,16 @@ class MTSAC:
         hooks, or with ``one_graph=False`` (the earlier split, kept for comparison in scripts/bench_learner.py):
         :meth:`critic_grads` and :meth:`actor_grads` compiled, the rest eager.
 
-        ``one_graph=None`` (default): one graph for the plain mean (``mtsac``) only. Measured on the 2-core CPU
-        (loaded, indicative), one graph beat the split at width 8 for mtsac (+10%) and pcgrad (+21%), tied for mtsac
-        at 3 x 400 but was ~8% slower for pcgrad at 3 x 400 (the traced Adam is ~5x slower than the fused kernel
-        there), so the Jacobian methods keep the split unless ``one_graph=True``. ``small_matmul=False``: without
+        ``one_graph=None`` (default): one graph where both methods say so (``Method.one_graph``: ``mtsac`` and
+        ``pcgrad``, the two whose one graph is tested against eager; in scripts/bench_learner.py on the 2-core CPU
+        one graph beat the split form at width 8 by 32% (mtsac) and 51% (pcgrad) and matched it at 3 x 400); the
+        other compilable methods keep the split unless ``one_graph=True``. ``small_matmul=False``: without
         the CPU small-matmul graph pass (``agents/small_matmul.py``), for measuring what it buys."""
         used = compiled.resolve(mode, self.device, [self.critic_method, self.actor_method], [self.actor, self.critic])
         if used == "off":
             return used
         if one_graph is None:
-            one_graph = all(m.kind == "mean" for m in (self.critic_method, self.actor_method))
+            one_graph = all(m.one_graph for m in (self.critic_method, self.actor_method))
         if any(self.hooks.values()) or not one_graph:
             self._compile_parts(used, small_matmul)
             return used

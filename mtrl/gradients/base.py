@@ -110,6 +110,9 @@ class Method:
     # backward() is pure tensor code with no host sync and no Tensor.backward(): torch.compile traces it into one
     # graph (agents/compiled.py; compile=auto compiles only such methods).
     compilable: bool = False
+    # MT-SAC compiles its whole update as one graph by default for this method (MTSAC.compile): set where that
+    # graph is tested against eager (tests/test_device.py::ONE_GRAPH) and measured no slower than the split form.
+    one_graph: bool = False
 
     def __init__(self, num_tasks: int, **kwargs: Any) -> None:
         if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1:

@@ -24,6 +24,7 @@ class MeanMethod(Method):
     name = "mtsac"
     kind = "mean"
     compilable = True
+    one_graph = True
 
     def backward(self, loss_fn: LossFn, params: Dict[str, Tensor], batch: Any, task_ids: Tensor, *,
                  task_specific: Optional[Set[str]] = None) -> Dict[str, Any]:
