@@ -9,8 +9,8 @@ update in 65 BLAS calls. Written as a broadcast multiply and a sum (the rule tor
 as one vectorised C++ loop, fused with the bias, activation or reduction around it.
 
 Which products: 2-d ``mm``/``addmm`` on CPU whose multiply-adds M·K·N are at most ``max_macs``, whose reduced size
-K is at most ``max_dim`` and whose smaller output size is at most ``max_dim`` — the forward and input-gradient
-products of width-8 to width-32 networks on MT10 batches. Weight gradients (K = the batch) and a 3 x 400 network's
+K is at most ``max_dim`` and whose smaller output size is at most ``max_dim`` — on MT10 batches (1280 rows) the
+forward and input-gradient products of first layers up to width 15 and hidden layers up to width 28. Weight gradients (K = the batch) and a 3 x 400 network's
 products (M·K·N ≥ 20M) stay with BLAS, which is fast there; of the rules tried (all small products, or only those
 with a short reduction) this one measured best (``--ablate-small-matmul`` in ``scripts/bench_learner.py`` measures
 the pass against none; README *Speed*).
