@@ -318,6 +318,9 @@ class GramianMethod(JacobianMethod):
         from . import engine
 
         g = gramian.detach()
+        # A non-finite task loss makes the Gramian non-finite; that step is skipped anyway (the NaN monitor, on the
+        # device), but the solvers must not see it (pinv's SVD raises on NaN): the identity keeps them defined.
+        g = torch.where(torch.isfinite(g).all(), g, torch.eye(g.shape[0], dtype=g.dtype, device=g.device))
         if not self.host_solver:
             return self.weights(g.to(torch.float64))
         with engine.single_thread():
