@@ -53,13 +53,14 @@ def is_small(a: torch.fx.Node, b: torch.fx.Node, max_macs: int = MAX_MACS, max_d
         m, k, n = int(va.shape[0]), int(va.shape[1]), int(vb.shape[1])
     except (TypeError, ValueError):  # symbolic sizes (dynamic shapes): leave to BLAS
         return False
-    return _rule(m, k, n, max_macs, max_dim)
-
-
-def _rule(m: int, k: int, n: int, max_macs: int, max_dim: int) -> bool:
     # A long reduction (a weight gradient: k = the batch) would be a strided dot product per output in the
     # generated loop; BLAS does those well (29 us for (8, 1280) @ (1280, 53)), so they stay with it.
     return m * k * n <= max_macs and k <= max_dim and min(m, n) <= max_dim
+
+
+def _product(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """x @ y as a broadcast multiply and a sum over the reduced size (what Inductor turns into one loop)."""
+    return (x[:, :, None] * y[None, :, :]).sum(dim=1).to(x.dtype)
 
 
 def _realize(*nodes: torch.fx.Node) -> None:
@@ -72,7 +73,7 @@ def _realize(*nodes: torch.fx.Node) -> None:
 @register_graph_pattern(CallFunction(aten.mm, Arg(), Arg()), pass_dict=_PATTERNS)
 def _mm(match: Match, a: torch.fx.Node, b: torch.fx.Node) -> None:
     if is_small(a, b, **_limits):
-        match.replace_by_example(lambda x, y: (x[:, :, None] * y[None, :, :]).sum(dim=1).to(x.dtype), [a, b])
+        match.replace_by_example(_product, [a, b])
         _realize(a, b)
         REWRITES["mm"] += 1
 
@@ -81,8 +82,7 @@ def _mm(match: Match, a: torch.fx.Node, b: torch.fx.Node) -> None:
 def _addmm(match: Match, bias: torch.fx.Node, a: torch.fx.Node, b: torch.fx.Node) -> None:
     # Only the default beta = alpha = 1 reaches here: the pattern has exactly three arguments and no keywords.
     if is_small(a, b, **_limits):
-        match.replace_by_example(lambda c, x, y: (x[:, :, None] * y[None, :, :]).sum(dim=1).to(x.dtype) + c,
-                                 [bias, a, b])
+        match.replace_by_example(lambda c, x, y: _product(x, y) + c, [bias, a, b])
         _realize(a, b)
         REWRITES["addmm"] += 1
 

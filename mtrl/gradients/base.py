@@ -111,7 +111,8 @@ class Method:
     # graph (agents/compiled.py; compile=auto compiles only such methods).
     compilable: bool = False
     # MT-SAC compiles its whole update as one graph by default for this method (MTSAC.compile): set where that
-    # graph is tested against eager (tests/test_device.py::ONE_GRAPH) and measured no slower than the split form.
+    # graph is tested against eager (tests/test_device.py::ONE_GRAPH) and measured faster than the split form at
+    # width 8 (within this machine's noise of it at 3 x 400; scripts/bench_learner.py --split --one-graph).
     one_graph: bool = False
 
     def __init__(self, num_tasks: int, **kwargs: Any) -> None:
