@@ -479,8 +479,8 @@ class MTSAC:
 
         ``one_graph=None`` (default): one graph where both methods say so (``Method.one_graph``: ``mtsac`` and
         ``pcgrad``, the two whose one graph is tested against eager; in scripts/bench_learner.py on the 2-core CPU
-        one graph beat the split form at width 8 by 32-68% (mtsac) and 50-51% (pcgrad), and was within -7%..+3% of
-        it at 3 x 400, in two runs); the
+        one graph beat the split form at width 8 by 23-68% (mtsac) and 50-70% (pcgrad), and was within -7%..+3% of
+        it at 3 x 400, in three runs); the
         other compilable methods keep the split unless ``one_graph=True``. ``small_matmul=False``: without
         the CPU small-matmul graph pass (``agents/small_matmul.py``), for measuring what it buys."""
         used = compiled.resolve(mode, self.device, [self.critic_method, self.actor_method], [self.actor, self.critic])
