@@ -1,28 +1,33 @@
 """``torch.compile`` for the learner's gradient computations (``--set compile=auto|off|default|reduce-overhead|
 max-autotune``).
 
-What is compiled. MT-SAC without ``after_step`` hooks: the whole update after the noise draws as ONE graph
+What is compiled. MT-SAC, on every backbone: the whole update after the noise draws as ONE graph
 (``MTSAC.full_step``, ``fullgraph=True``): targets, critic losses and the method's combined gradient, the gradient
 norm, the finiteness flags (``NonFiniteMonitor``'s device counters), clipping, Adam written in traced tensor ops on
 the optimizers' own state (``agents.optim.traced_adam_step``: the fused kernel cannot be traced; a non-finite step
 is skipped as with ``found_inf``), the temperature step, the actor's, and the Polyak lerp. It starts at the second
-update (the first creates the Adam state eagerly). The noise and the methods' declared random draws
+update (the first creates the Adam state eagerly). The backbones' ``after_step`` hooks (diagnostics records, MENTOR
+snapshots and perturbations, harmony's mask flips, PaCo resets, T2MIR's target gate) run eagerly after the graph
+(``MTSAC._after_update``), on the values it returns. The noise and the methods' declared random draws
 (``Method.random_draws``: PCGrad's orders) are drawn eagerly before it, in the eager update's order, because a
 ``torch.Generator`` cannot enter a graph. Where that graph does not build (a method drawing undeclared random
-numbers, an untraceable op), and for MT-SAC with hooks or MT-PPO, each agent's gradient functions are compiled
-apart (MT-SAC: critic gradient; temperature + actor gradient. MT-PPO: each minibatch's actor and critic
-gradients) and the fused Adam steps, flags, hooks and Polyak update run eagerly around them. On CPU Inductor fuses
-a graph into a few C++ kernels, on CUDA ``reduce-overhead`` replays it as a CUDA graph (not yet run on a GPU; a
-graph that mutates the optimizer state may be run without the CUDA graph by PyTorch).
+numbers, an untraceable op), and for MT-PPO, each agent's gradient functions are compiled apart (MT-SAC: critic
+gradient; temperature + actor gradient. MT-PPO: each minibatch's actor and critic gradients) and the fused Adam
+steps, flags, hooks and Polyak update run eagerly around them. On CPU Inductor fuses a graph into a few C++
+kernels. On CUDA the compiled step is captured as one ``torch.cuda.CUDAGraph`` (``agents/graphed.py``; not yet
+run on a GPU); without capture (``--set cuda_graph=false``) ``auto`` means ``reduce-overhead``, whose CUDA-graph
+trees skip a graph that mutates its inputs (measured on an H200: no graph, 98 mutated inputs).
 
 ``auto`` compiles where it is known to work — a method with ``compilable = True`` (every sync-free method whose
-gradient is pure tensor code) on backbones without ``after_step`` hooks — and stays eager otherwise, with a
-one-line note naming what does not compile. A compilation that fails at its first call falls back to eager with
-a note (the one-graph update: to the split graphs), after re-zeroing the gradients it may have touched, so a run
-never dies of it; so does a later graph variant whose compilation fails (e.g. the update without the Polyak step,
-compiled when it first occurs), the compiler's exceptions told apart from the run's own. Compilation happens at
-the first update (about a minute for the whole MT-SAC update on a 2-core CPU with an empty Inductor cache; the
-time is printed) and again after a resume (then mostly from Inductor's on-disk cache).
+gradient is pure tensor code), on any backbone — and stays eager otherwise, with a one-line note naming what does
+not compile. A compilation that fails at its first call falls back to eager with a note (the one-graph update: to
+the split graphs), after re-zeroing the gradients it may have touched, so a run never dies of it; so does a later
+graph variant whose compilation fails (e.g. the update without the Polyak step, compiled when it first occurs),
+the compiler's exceptions told apart from the run's own. With ``MTRL_COMPILE_STRICT=1`` (tests,
+``scripts/gpu_check.sh``) such a failure raises :class:`CompileFallbackError` instead. Compilation happens at
+the first update (one to four minutes for the whole MT-SAC update on a 2-core CPU with an empty Inductor cache,
+longest for the MoE backbones; the time is printed) and again after a resume (then mostly from Inductor's on-disk
+cache).
 
 Every graph is compiled with :class:`agents.small_matmul.SmallMatmulPass`: on CPU, the small matrix products of
 narrow networks become generated loops fused with their neighbours instead of BLAS calls (MKL is slow on skinny
@@ -32,6 +37,7 @@ products; see that module). ``MTSAC.compile(small_matmul=False)`` turns it off (
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
@@ -43,15 +49,22 @@ MODES = ("auto", "off", "default", "reduce-overhead", "max-autotune")
 
 
 def why_not_compiled(methods: Iterable[Any], modules: Iterable[nn.Module]) -> Optional[str]:
-    """The first thing that keeps ``auto`` from compiling, or None."""
+    """The first thing that keeps ``auto`` from compiling, or None. Every built-in backbone compiles: their
+    ``after_step`` hooks run eagerly after the update (``MTSAC._after_update``), outside the graph."""
     for m in methods:
         if not getattr(m, "compilable", False):
             return f"method {m.name!r}"
-    for mod in modules:
-        for sub in mod.modules():
-            if callable(getattr(sub, "after_step", None)):
-                return f"backbone module {type(sub).__name__!r} (after_step hook)"
     return None
+
+
+def strict() -> bool:
+    """``MTRL_COMPILE_STRICT=1``: a compilation failure raises instead of falling back (the tests and
+    ``scripts/gpu_check.sh`` set it, so a silent compile -> eager fallback fails them)."""
+    return os.environ.get("MTRL_COMPILE_STRICT", "") not in ("", "0")
+
+
+class CompileFallbackError(RuntimeError):
+    """A graph failed to compile while ``MTRL_COMPILE_STRICT`` is set."""
 
 
 class Compiled:
@@ -90,6 +103,10 @@ class Compiled:
             # same way; an error raised by the compiled code itself is the run's and propagates.
             if not first and not is_compiler_error(e):
                 raise
+            if strict():
+                raise CompileFallbackError(f"torch.compile of {self.name} failed with MTRL_COMPILE_STRICT set: "
+                                           f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+                                           ) from e
             self.compiled = None
             instead = "running it eagerly"
             if self.fallback is not None:
@@ -124,9 +141,11 @@ def is_compiler_error(e: BaseException) -> bool:
     return isinstance(e, TorchDynamoException) or type(e).__module__.startswith(("torch._inductor", "torch._dynamo"))
 
 
-def resolve(mode: str, device: torch.device, methods: List[Any], modules: List[nn.Module]) -> str:
-    """The mode actually used: ``auto`` -> ``reduce-overhead`` on CUDA, ``default`` elsewhere, or ``off`` (with a
-    note) where a method or backbone does not compile; ``meta`` never compiles (no kernels to generate)."""
+def resolve(mode: str, device: torch.device, methods: List[Any], modules: List[nn.Module],
+            capture: bool = False) -> str:
+    """The mode actually used: ``auto`` -> ``default`` (on CUDA ``reduce-overhead`` unless the update is
+    captured by ``agents/graphed.py``, which needs Inductor's plain kernels), or ``off`` (with a note) where a
+    method does not compile; ``meta`` never compiles (no kernels to generate)."""
     if mode not in MODES:
         raise ValueError(f"compile={mode!r} is invalid; valid: {', '.join(MODES)}")
     if mode == "off" or device.type == "meta":
@@ -137,5 +156,5 @@ def resolve(mode: str, device: torch.device, methods: List[Any], modules: List[n
             print(f"note: compile=auto: {why} does not compile; the learner runs eagerly", file=sys.stderr,
                   flush=True)
             return "off"
-        return "reduce-overhead" if device.type == "cuda" else "default"
+        return "reduce-overhead" if device.type == "cuda" and not capture else "default"
     return mode

@@ -170,22 +170,36 @@ def method_grads(module: nn.Module, method, loss_fn, batch, task_ids: Tensor, ta
 
 def apply_step(name: str, module: nn.Module, opt: torch.optim.Optimizer, method, info, loss_fn, batch,
                task_ids: Tensor, max_grad_norm: float, hooks, num_updates: int, grads: FlatGrads,
-               monitor: NonFiniteMonitor, extra: Optional[Dict[str, Any]] = None, traced: bool = False) -> bool:
+               monitor: NonFiniteMonitor, extra: Optional[Dict[str, Any]] = None, traced: bool = False) -> Tensor:
     """Given the gradient in ``grads``: finiteness (recorded in ``monitor``; a non-finite per-task loss or
     combined gradient makes the step a no-op on the device, ``guarded_step``), clipping, the optimizer step, the
-    method's ``post_step`` and the modules' ``after_step`` hooks (which see the step's ``ok`` flag). No host
-    sync. ``traced``: inside one compiled update (``guarded_step``). Returns whether any hook changed buffers."""
+    method's ``post_step`` and then the modules' ``after_step`` hooks (:func:`run_hooks`; MT-SAC passes none here
+    and runs them after the whole update). No host sync. ``traced``: inside one compiled update
+    (``guarded_step``). Returns the step's ``ok`` flag (0-d bool)."""
     norm = grads.norm(traced)
     ok = monitor.record(name, info["losses"], torch.isfinite(norm))
     if max_grad_norm > 0:
         grads.clip_(norm, max_grad_norm, traced)
     guarded_step(opt, ok, grads, traced)
     method.post_step()
+    if hooks:
+        run_hooks(hooks, hook_context(name, module, opt, info, loss_fn, batch, task_ids, num_updates, ok, extra))
+    return ok
+
+
+def hook_context(name: str, module: nn.Module, opt: torch.optim.Optimizer, info, loss_fn, batch, task_ids: Tensor,
+                 num_updates: int, ok: Tensor, extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """What an ``after_step(ctx)`` hook is given about the step of one network (``role`` ``name``)."""
+    return {"role": name, "num_updates": num_updates, "loss_fn": loss_fn, "batch": batch,
+            "params": dict(module.named_parameters()), "task_ids": task_ids, "info": info, "optimizer": opt,
+            "ok": ok, **(extra or {})}
+
+
+def run_hooks(hooks, ctx: Dict[str, Any]) -> bool:
+    """Every hook's ``after_step(ctx)``, eagerly; True when any of them changed buffers."""
     changed = False
     for m in hooks:
-        changed |= bool(m.after_step({"role": name, "num_updates": num_updates, "loss_fn": loss_fn, "batch": batch,
-                                      "params": dict(module.named_parameters()), "task_ids": task_ids,
-                                      "info": info, "optimizer": opt, "ok": ok, **(extra or {})}))
+        changed |= bool(m.after_step(ctx))
     return changed
 
 
@@ -304,6 +318,7 @@ class MTSAC:
         self._critic_grads, self._actor_grads = self.critic_grads, self.actor_grads
         self._full: Optional[compiled.Compiled] = None  # the whole update in one graph (compile())
         self._full_ready = False  # every optimizer has its state: the full graph can step it (plain_adam_ready)
+        self.graph: Optional[Any] = None  # the update as one captured graph (compile(capture=...), agents/graphed.py)
 
     # --- per-task losses (one task's slice; vmapped over the task axis) ---------------------------------------
     def critic_loss_one(self, params: Dict[str, Tensor], b: Dict[str, Tensor], task: Tensor, *,
@@ -378,23 +393,39 @@ class MTSAC:
         """One update from a (T, B, ...) batch. Returns detached diagnostics (tensors; no host sync here).
 
         The noise is drawn here from the update's generator (eager: a generator cannot enter a compiled graph);
-        the rest is :meth:`step`."""
+        the rest is :meth:`step`, then the backbones' ``after_step`` hooks (:meth:`_after_update`), eagerly. With
+        a captured graph (:meth:`compile` ``capture``, ``agents/graphed.py``) the noise is drawn into the graph's
+        static buffers and the step is one replay."""
         T, B = batch["reward"].shape
         do_actor = self.num_updates % self.cfg.actor_update_every == 0
         do_target = self.num_updates % self.cfg.target_update_every == 0
-        eps_next = torch.randn((T * B, self.act_dim), generator=self.generator, device=self.device)
-        eps = torch.randn((T, B, self.act_dim), generator=self.generator, device=self.device) if do_actor else None
+        if self.graph is not None and self._ready():
+            info = self.graph(batch, do_actor, do_target)
+        else:
+            eps_next = torch.randn((T * B, self.act_dim), generator=self.generator, device=self.device)
+            eps = (torch.randn((T, B, self.act_dim), generator=self.generator, device=self.device) if do_actor
+                   else None)
+            if self._full is not None and self._ready():
+                # The methods' own random draws (PCGrad's orders), in the order the eager update makes them.
+                for m in (self.critic_method, self.actor_method) if do_actor else (self.critic_method,):
+                    m.predraw([torch.rand(s, generator=self.generator, device=self.device) for s in m.random_draws()])
+                info = self.run_step(batch, eps_next, eps, do_target)
+            else:
+                info = self.step(batch, eps_next, eps, do_target)
+        self._after_update(batch, info)
+        self.num_updates += 1
+        return info
+
+    def run_step(self, batch: Dict[str, Tensor], eps_next: Tensor, eps: Optional[Tensor], do_target: bool
+                 ) -> Dict[str, Tensor]:
+        """The compiled step on drawn noise (and predrawn method draws): the one-graph update where it is active
+        and the optimizers have their state (:meth:`_ready`), else :meth:`step` with its compiled parts. What the
+        captured graph (``agents/graphed.py``) records."""
         if self._full is not None and self._ready():
             for g in (*self.grads.values(), self.alpha_grads):
                 g.separate()
-            # The methods' own random draws (PCGrad's orders), in the order the eager update makes them.
-            for m in (self.critic_method, self.actor_method) if do_actor else (self.critic_method,):
-                m.predraw([torch.rand(s, generator=self.generator, device=self.device) for s in m.random_draws()])
-            info = self._full(batch, eps_next, eps, do_target)
-        else:
-            info = self.step(batch, eps_next, eps, do_target)
-        self.num_updates += 1
-        return info
+            return self._full(batch, eps_next, eps, do_target)
+        return self.step(batch, eps_next, eps, do_target)
 
     def step(self, batch: Dict[str, Tensor], eps_next: Tensor, eps: Optional[Tensor], do_target: bool,
              traced: bool = False) -> Dict[str, Tensor]:
@@ -403,40 +434,80 @@ class MTSAC:
         The gradients come from :meth:`critic_grads` / :meth:`actor_grads`. Eagerly (or with only those two
         compiled) the optimizer steps are fused Adam kernels; ``traced`` (:meth:`full_step`, the whole update in
         one compiled graph) steps with ``traced_adam_step`` on the same state and skips the host-side check of
-        the gradient views (the gradients are separate tensors then: ``FlatGrads.separate``)."""
+        the gradient views (the gradients are separate tensors then: ``FlatGrads.separate``).
+
+        The backbones' ``after_step`` hooks are not run here but after the whole update (:meth:`_after_update`),
+        so the step is pure tensor code that compiles and captures with every backbone; with hooks the step
+        returns what they read under ``info["hooks"]`` (each network's loss batch and ``ok`` flag, and the
+        scale-free TD loss the MoE snapshot ranking uses)."""
         alpha = self.log_alpha.detach().exp()
         info: Dict[str, Tensor] = {}
-        _, _, bind = self._context(batch)
+        hooked = any(self.hooks.values())
+        hooks: Dict[str, Any] = {}
         self.grads["critic"].zero(traced)
         cinfo, cb = self._critic_grads(batch, eps_next, alpha)
-        # A scale-free per-task quality signal for the hooks that rank snapshots (moe): the TD loss relative to the
-        # variance of its targets, which grows with the Q scale as the raw loss does (mtrl/nets/README_BACKBONES.md).
-        # Only hooks read it, so an agent without any skips the work.
-        rank = ({"rank_losses": cinfo["losses"].detach() / (cb["target"].var(dim=1, unbiased=False) + 1e-8)}
-                if any(self.hooks.values()) else None)
-        self._apply("critic", self.critic, self.critic_opt, self.critic_method, cinfo,
-                    functools.partial(self.critic_loss_one, **bind), cb, rank, traced)
+        ok = self._apply("critic", self.critic_opt, self.critic_method, cinfo, traced)
         info["critic_losses"] = cinfo["losses"]
         info["critic_diag"] = cinfo  # type: ignore[assignment]
+        if hooked:
+            # A scale-free per-task quality signal for the hooks that rank snapshots (moe): the TD loss relative to
+            # the variance of its targets, which grows with the Q scale as the raw loss does
+            # (mtrl/nets/README_BACKBONES.md). Only hooks read it, so an agent without any skips the work.
+            hooks["rank_losses"] = cinfo["losses"].detach() / (cb["target"].var(dim=1, unbiased=False) + 1e-8)
+            hooks["critic"] = (cb, ok)
 
         if eps is not None:
             self.grads["actor"].zero(traced)
             ainfo, ab, alpha_losses, entropy = self._actor_grads(batch, eps, alpha)
             guarded_step(self.alpha_opt, self.monitor.record("alpha", alpha_losses), self.alpha_grads, traced)
-            self._apply("actor", self.actor, self.actor_opt, self.actor_method, ainfo,
-                        functools.partial(self.actor_loss_one, critic_params=self._frozen_critic(), **bind), ab, rank,
-                        traced)
+            ok = self._apply("actor", self.actor_opt, self.actor_method, ainfo, traced)
             info["alpha_losses"] = alpha_losses
             info["entropy"] = entropy
             info["actor_losses"] = ainfo["losses"]
             info["actor_diag"] = ainfo  # type: ignore[assignment]
+            if hooked:
+                hooks["actor"] = (ab, ok)
 
         if do_target:
             with torch.no_grad():
                 torch._foreach_lerp_(list(self.critic_target.parameters()), list(self.critic.parameters()),
                                      self.cfg.tau)
         info["alpha"] = self.log_alpha.detach().exp()
+        if hooked:
+            info["hooks"] = hooks  # type: ignore[assignment]
         return info
+
+    def _after_update(self, batch: Dict[str, Tensor], info: Dict[str, Any]) -> None:
+        """The backbones' ``after_step`` hooks of this update, eagerly and in the order critic, actor: after the
+        whole update, so between graph replays (eagerly as well, so compiled and eager runs agree). Before issue 21
+        the critic's hooks ran before the actor's step; now a hook's change (a harmony mask flip, a MENTOR
+        perturbation) reaches the actor loss one update later, and the Polyak step of the same update comes
+        before the perturbation of the target critic."""
+        pending = info.pop("hooks", None)
+        if not pending:
+            return
+        _, _, bind = self._context(batch)
+        extra = {"rank_losses": pending["rank_losses"]}
+        for name, module, opt in (("critic", self.critic, self.critic_opt), ("actor", self.actor, self.actor_opt)):
+            if name not in pending or not self.hooks[name]:
+                continue
+            lb, ok = pending[name]
+            loss_fn = (functools.partial(self.critic_loss_one, **bind) if name == "critic" else
+                       functools.partial(self.actor_loss_one, critic_params=self._frozen_critic(), **bind))
+            changed = run_hooks(self.hooks[name], hook_context(name, module, opt, info[f"{name}_diag"], loss_fn, lb,
+                                                               self.task_ids, self.num_updates, ok, extra))
+            # [issue 4] An after_step that returns True changed buffers (e.g. harmony's per-task masks): the target
+            # critic shares them, so copy the critic's buffers into it (Polyak averaging only moves parameters).
+            if changed and name == "critic":
+                with torch.no_grad():
+                    for dst, src in zip(self.critic_target.buffers(), self.critic.buffers()):
+                        dst.copy_(src)
+                # A perturbed critic backbone (moe) moves its target the same way (MENTOR perturbs both).
+                for src, dst in zip(self.critic.modules(), self.critic_target.modules()):
+                    if callable(getattr(src, "apply_last_perturbation", None)):
+                        src.apply_last_perturbation(dst)
+        # A hook may drop optimizer state (moe's reset_optimizer): look again before the next compiled step.
+        self._full_ready = False
 
     def critic_grads(self, batch: Dict[str, Tensor], eps_next: Tensor, alpha: Tensor):
         """Targets, per-task critic losses and the method's combined gradient in the critic's ``.grad``.
@@ -468,13 +539,14 @@ class MTSAC:
         ainfo = method_grads(self.actor, self.actor_method, actor_loss, ab, self.task_ids, self.actor_task_specific)
         return ainfo, ab, alpha_losses, -logp.view(T, B).mean(1)
 
-    def compile(self, mode: str = "auto", one_graph: Optional[bool] = None, small_matmul: bool = True) -> str:
+    def compile(self, mode: str = "auto", one_graph: Optional[bool] = None, small_matmul: bool = True,
+                capture: Optional[bool] = None) -> str:
         """Compile the update (``agents/compiled.py``); returns the mode used.
 
-        Without ``after_step`` hooks: the whole update after the noise draws (:meth:`full_step`) as one graph,
-        from the second update on (the first creates the optimizers' state through the eager step). Where that
-        graph does not build (e.g. a method drawing random numbers it does not declare in ``random_draws``), with
-        hooks, or with ``one_graph=False`` (the earlier split, kept for comparison in scripts/bench_learner.py):
+        The whole update after the noise draws (:meth:`full_step`) as one graph, from the second update on (the
+        first creates the optimizers' state through the eager step); the backbones' ``after_step`` hooks run
+        eagerly after it (:meth:`_after_update`), so every backbone compiles. Where that graph does not build, or
+        with ``one_graph=False`` (the earlier split, kept for comparison in scripts/bench_learner.py):
         :meth:`critic_grads` and :meth:`actor_grads` compiled, the rest eager.
 
         ``one_graph=None`` (default): one graph where both methods say so (``Method.one_graph``: ``mtsac`` and
@@ -482,13 +554,26 @@ class MTSAC:
         one graph beat the split form at width 8 by 23-68% (mtsac) and 50-70% (pcgrad), and was within -7%..+3% of
         it at 3 x 400, in three runs); the
         other compilable methods keep the split unless ``one_graph=True``. ``small_matmul=False``: without
-        the CPU small-matmul graph pass (``agents/small_matmul.py``), for measuring what it buys."""
-        used = compiled.resolve(mode, self.device, [self.critic_method, self.actor_method], [self.actor, self.critic])
+        the CPU small-matmul graph pass (``agents/small_matmul.py``), for measuring what it buys.
+
+        ``capture`` (None: True on CUDA, False elsewhere): the compiled step (:meth:`run_step`) behind
+        :class:`agents.graphed.GraphedUpdate`: static input buffers, the noise drawn into them, and on CUDA one
+        ``torch.cuda.CUDAGraph`` replay per update (``auto`` then compiles in Inductor's ``default`` mode: the
+        capture replaces ``reduce-overhead``'s CUDA-graph trees, which skip a graph that mutates its inputs). On
+        another device the replay is a direct call, so CPU tests drive the same layer."""
+        if capture is None:
+            capture = self.device.type == "cuda"
+        used = compiled.resolve(mode, self.device, [self.critic_method, self.actor_method], [self.actor, self.critic],
+                                capture=capture)
         if used == "off":
             return used
         if one_graph is None:
             one_graph = all(m.one_graph for m in (self.critic_method, self.actor_method))
-        if any(self.hooks.values()) or not one_graph:
+        if capture:
+            from agents.graphed import GraphedUpdate
+
+            self.graph = GraphedUpdate(self)
+        if not one_graph:
             self._compile_parts(used, small_matmul)
             return used
 
@@ -523,6 +608,8 @@ class MTSAC:
             self._full_ready = all(plain_adam_ready(o, list(g.params)) for o, g in
                                    ((self.critic_opt, self.grads["critic"]), (self.actor_opt, self.grads["actor"]),
                                     (self.alpha_opt, self.alpha_grads)))
+            if not self._full_ready and self.graph is not None:
+                self.graph.reset()  # the eager step that follows makes new state tensors: capture again after it
         return self._full_ready
 
     def nonfinite(self) -> None:
@@ -532,20 +619,10 @@ class MTSAC:
     def _frozen_critic(self) -> Dict[str, Tensor]:
         return {k: v.detach() for k, v in self.critic.named_parameters()}
 
-    def _apply(self, name: str, module: nn.Module, opt: torch.optim.Optimizer, method, info, loss_fn, batch,
-               extra: Optional[Dict[str, Any]] = None, traced: bool = False) -> None:
-        changed = apply_step(name, module, opt, method, info, loss_fn, batch, self.task_ids, self.cfg.max_grad_norm,
-                             self.hooks[name], self.num_updates, self.grads[name], self.monitor, extra, traced)
-        # [issue 4] An after_step that returns True changed buffers (e.g. harmony's per-task masks): the target
-        # critic shares them, so copy the critic's buffers into it (Polyak averaging only moves parameters).
-        if changed and name == "critic":
-            with torch.no_grad():
-                for dst, src in zip(self.critic_target.buffers(), self.critic.buffers()):
-                    dst.copy_(src)
-            # A perturbed critic backbone (moe) moves its target the same way (MENTOR perturbs both).
-            for src, dst in zip(self.critic.modules(), self.critic_target.modules()):
-                if callable(getattr(src, "apply_last_perturbation", None)):
-                    src.apply_last_perturbation(dst)
+    def _apply(self, name: str, opt: torch.optim.Optimizer, method, info, traced: bool = False) -> Tensor:
+        module = self.critic if name == "critic" else self.actor
+        return apply_step(name, module, opt, method, info, None, None, self.task_ids, self.cfg.max_grad_norm, [],
+                          self.num_updates, self.grads[name], self.monitor, traced=traced)
 
     def losses(self, batch: Dict[str, Tensor]) -> Dict[str, Tensor]:
         """Per-task losses (T,) for critic, actor and α on a batch, without updating anything."""
@@ -605,6 +682,8 @@ class MTSAC:
         self.actor_method.load_state_dict(state["actor_method"])
         self.num_updates = int(state["num_updates"])
         self._full_ready = False  # new optimizer state tensors (or none yet): checked again at the next update
+        if self.graph is not None:
+            self.graph.reset()  # a captured graph holds the addresses of the old state tensors
         self.restore_note = restore_generator(self.generator, state["generator"], salt=self.num_updates)
         load_host_states(state.get("host_state", {}), self.actor, self.critic)
 

@@ -54,6 +54,7 @@ def aligned_weights(gramian: Tensor, scale_mode: str = "min", cutoff: str = "flo
 
 @register("alignedmtl")
 class AlignedMTL(GramianMethod):
+    graph_safe = True
     name = "alignedmtl"
     OPTIONS = {"scale_mode": "min", "cutoff": "float32"}
 

@@ -114,6 +114,10 @@ class Method:
     # graph is tested against eager (tests/test_device.py::ONE_GRAPH) and measured faster than the split form at
     # width 8 (within this machine's noise of it at 3 x 400; scripts/bench_learner.py --split --one-graph).
     one_graph: bool = False
+    # A replay of a captured ``backward`` is a correct update (agents/graphed.py): no state kept in Python between
+    # updates (counters, tensors re-assigned each step) that a CUDA-graph replay, which runs no Python, would
+    # freeze. Set on the stateless compilable methods; gradvac (its phi EMA is a new tensor each step) is not.
+    graph_safe: bool = False
 
     def __init__(self, num_tasks: int, **kwargs: Any) -> None:
         if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1:

@@ -47,6 +47,7 @@ def config_weights(gramian: Tensor, zero_tol: float = 1e-15) -> Tensor:
 
 @register("config")
 class ConFIG(GramianMethod):
+    graph_safe = True
     name = "config"
 
     def weights(self, gramian: Tensor) -> Tensor:

@@ -31,6 +31,7 @@ def imtl_weights(gramian: Tensor) -> Tensor:
 
 @register("imtl")
 class IMTLG(GramianMethod):
+    graph_safe = True
     name = "imtl"
 
     def weights(self, gramian: Tensor) -> Tensor:

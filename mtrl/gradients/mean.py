@@ -25,6 +25,7 @@ class MeanMethod(Method):
     kind = "mean"
     compilable = True
     one_graph = True
+    graph_safe = True
 
     def backward(self, loss_fn: LossFn, params: Dict[str, Tensor], batch: Any, task_ids: Tensor, *,
                  task_specific: Optional[Set[str]] = None) -> Dict[str, Any]:

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 def parse_options(name: str, given: Dict[str, Any], defaults: Dict[str, Any]) -> Dict[str, Any]:
     unknown = sorted(set(given) - set(defaults))
     if unknown:
-        raise ValueError(f"backbone {name!r} got unknown option(s) {unknown}; valid: {', '.join(sorted(defaults))}")
+        raise ValueError(f"backbone {name!r}: unknown option(s) {unknown}; valid: {', '.join(sorted(defaults))}")
     out = dict(defaults)
     out.update(given)
     return out
@@ -89,10 +89,11 @@ def grouped_by_task(x: Tensor, task_id: Tensor, out_dim: int, fn: Callable[[Tens
     ids outside vmap (acting, target computation): on the host CPU, ``fn(x_t, t)`` on each task's rows, reassembled
     in batch order (reading the ids costs nothing there, and each task's rows only see their own weights); on any
     other device ``dense(x, task_id)``, which must compute every row's own task's output without reading the ids
-    on the host (e.g. with :func:`mixed_linear`; more FLOPs, no synchronisation)."""
+    on the host (e.g. with :func:`mixed_linear`; more FLOPs, no synchronisation). Inside ``torch.compile`` the
+    dense form too, on any device: the per-task split's sizes are data-dependent, which breaks one graph."""
     if task_id.dim() == 0:
         return fn(x, task_id)
-    if task_id.device.type != "cpu":
+    if task_id.device.type != "cpu" or torch.compiler.is_compiling():
         return dense(x, task_id)
     out = x.new_zeros(x.shape[0], out_dim)
     for t in torch.unique(task_id).tolist():
