@@ -49,8 +49,13 @@ class Learner:
         self.compile_mode = "off"
 
     def compile(self) -> str:
-        """Apply ``cfg.compile`` (``agents/compiled.py``): the graphs are built at the first update."""
-        self.compile_mode = self.agent.compile(self.cfg.compile)
+        """Apply ``cfg.compile`` (``agents/compiled.py``): the graphs are built at the first update. MT-SAC on CUDA
+        also captures the compiled update as one CUDA graph unless ``cuda_graph`` is off (``agents/graphed.py``)."""
+        if isinstance(self.agent, MTSAC):
+            capture = self.device.type == "cuda" and bool(getattr(self.cfg, "cuda_graph", True))
+            self.compile_mode = self.agent.compile(self.cfg.compile, capture=capture)
+        else:
+            self.compile_mode = self.agent.compile(self.cfg.compile)
         return self.compile_mode
 
     # --- off-policy -----------------------------------------------------------------------------------------
