@@ -59,7 +59,9 @@ def why_not_compiled(methods: Iterable[Any], modules: Iterable[nn.Module]) -> Op
 
 def strict() -> bool:
     """``MTRL_COMPILE_STRICT=1``: a compilation failure raises instead of falling back (the tests and
-    ``scripts/gpu_check.sh`` set it, so a silent compile -> eager fallback fails them)."""
+    ``scripts/gpu_check.sh`` set it, so a silent compile -> eager fallback fails them). A second test knob,
+    ``MTRL_COMPILE_BACKEND=aot_eager``, builds the same graphs without Inductor (seconds instead of minutes on 2
+    cores): the default test run checks with it that every backbone traces into one graph."""
     return os.environ.get("MTRL_COMPILE_STRICT", "") not in ("", "0")
 
 
@@ -86,8 +88,13 @@ class Compiled:
         # (torch.compiler.skip_guard_on_all_nn_modules_unsafe) was tried and is wrong: two agents in one process
         # share the method's code object, so the second one ran the first one's graph (a 3 x 8 graph on 3 x 400
         # weights).
-        self.compiled: Optional[Callable] = torch.compile(fn, options=inductor_options(mode, small_matmul),
-                                                          dynamic=False, fullgraph=fullgraph)
+        raise_recompile_limit()
+        backend = os.environ.get("MTRL_COMPILE_BACKEND", "inductor")
+        if backend == "inductor":
+            self.compiled: Optional[Callable] = torch.compile(fn, options=inductor_options(mode, small_matmul),
+                                                              dynamic=False, fullgraph=fullgraph)
+        else:  # a test knob: "aot_eager" builds the same one graph (Dynamo + AOTAutograd) without Inductor's codegen
+            self.compiled = torch.compile(fn, backend=backend, dynamic=False, fullgraph=fullgraph)
         self.first = True
         self.seconds = 0.0
 
@@ -121,6 +128,16 @@ class Compiled:
             self.seconds = time.perf_counter() - t0
             print(f"compiled {self.name} ({self.mode}) in {self.seconds:.1f} s", file=sys.stderr, flush=True)
         return out
+
+
+def raise_recompile_limit(limit: int = 64) -> None:
+    """Every agent in a process compiles the same code objects (``MTSAC.full_step``...), each agent a new entry of
+    Dynamo's per-code cache; past its limit (8) a ``fullgraph`` compile fails. A sweep, the tests or a notebook
+    build more agents than that in one process, so the limit is raised (the name changed in torch 2.6)."""
+    cfg = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(cfg, name) and getattr(cfg, name) < limit:
+            setattr(cfg, name, limit)
 
 
 def inductor_options(mode: str, small_matmul: bool = True) -> Dict[str, Any]:
