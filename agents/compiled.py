@@ -112,14 +112,13 @@ class Compiled:
                 raise
             if strict():
                 raise CompileFallbackError(f"torch.compile of {self.name} failed with MTRL_COMPILE_STRICT set: "
-                                           f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
-                                           ) from e
+                                           f"{describe(e)}") from e
             self.compiled = None
             instead = "running it eagerly"
             if self.fallback is not None:
                 self.fn, instead = self.fallback[0], f"running {self.fallback[1]} instead"
-            print(f"note: torch.compile of {self.name} failed ({type(e).__name__}: {str(e).splitlines()[0][:160]});"
-                  f" {instead}", file=sys.stderr, flush=True)
+            print(f"note: torch.compile of {self.name} failed ({describe(e)}); {instead}", file=sys.stderr,
+                  flush=True)
             if self.reset is not None:
                 self.reset()
             return self.fn(*args)
@@ -128,6 +127,23 @@ class Compiled:
             self.seconds = time.perf_counter() - t0
             print(f"compiled {self.name} ({self.mode}) in {self.seconds:.1f} s", file=sys.stderr, flush=True)
         return out
+
+
+def describe(e: BaseException) -> str:
+    """``Type: first line of the message`` and where it was raised (the innermost frame): an assertion inside
+    Inductor often has no message (the pcgrad preset on CUDA printed only ``AssertionError:``), so the place is
+    what a bug report needs."""
+    import traceback
+
+    msg = str(e).splitlines()[0][:160] if str(e) else ""
+    where = ""
+    frames = traceback.extract_tb(e.__traceback__)
+    if frames:
+        f = frames[-1]
+        parts = f.filename.replace("\\", "/").split("/")
+        short = "/".join(parts[parts.index("torch"):]) if "torch" in parts else parts[-1]
+        where = f" at {short}:{f.lineno} in {f.name}"
+    return f"{type(e).__name__}: {msg}{where}"
 
 
 def raise_recompile_limit(limit: int = 64) -> None:

@@ -135,10 +135,10 @@ class GraphedUpdate:
         except Exception as e:  # noqa: BLE001 - any capture failure: the compiled step without a graph is correct
             self.capture = False
             self.reset()
-            print(f"note: CUDA-graph capture of the update failed ({type(e).__name__}: "
-                  f"{str(e).splitlines()[0][:160] if str(e) else ''}); it runs compiled without the graph",
-                  file=sys.stderr, flush=True)
-            from agents.compiled import CompileFallbackError, strict
+            from agents.compiled import CompileFallbackError, describe, strict
+
+            print(f"note: CUDA-graph capture of the update failed ({describe(e)}); it runs compiled without the "
+                  "graph", file=sys.stderr, flush=True)
 
             if strict():
                 raise CompileFallbackError(f"CUDA-graph capture failed with MTRL_COMPILE_STRICT set: {e}") from e

@@ -28,6 +28,7 @@ from __future__ import annotations
 import copy
 import functools
 import math
+import sys
 from typing import Any, Dict, Optional, Set, Tuple
 
 import numpy as np
@@ -569,7 +570,10 @@ class MTSAC:
             return used
         if one_graph is None:
             one_graph = all(m.one_graph for m in (self.critic_method, self.actor_method))
-        if capture:
+        if capture and used == "reduce-overhead":
+            print("note: compile=reduce-overhead replays Inductor's own CUDA graphs: the update is not captured "
+                  "again as one graph (agents/graphed.py)", file=sys.stderr, flush=True)
+        elif capture:
             from agents.graphed import GraphedUpdate
 
             self.graph = GraphedUpdate(self)

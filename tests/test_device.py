@@ -81,6 +81,21 @@ def test_sac_update_on_meta_for_every_backbone(backbone, one_thread):
             ag.update(_batch(META))
 
 
+@pytest.mark.parametrize("backbone", ["mlp", "moe", "harmony"])
+def test_graphed_update_on_meta_is_sync_free_and_device_clean(backbone, one_thread):
+    """The captured-update layer (agents/graphed.py): copy-in, noise drawn into its static buffers, the step and
+    the hooks after it; what runs around ``graph.replay()`` on CUDA."""
+    from agents.graphed import GraphedUpdate
+
+    ag = MTSAC(OBS, ACT, T, np.ones((T, ACT), np.float32), SACConfig(), backbone=backbone,
+               backbone_kwargs=dict(SMALL), method="pcgrad", device=META, seed=0)
+    ag.graph = GraphedUpdate(ag)
+    with DeviceCheck():
+        for _ in range(3):
+            info = ag.update(_batch(META))
+    assert ag.graph.slots and info["critic_losses"].device.type == "meta"
+
+
 def test_exact_solvers_are_the_listed_exceptions():
     """mgda, upgrad, dualproj, cagrad, nashmtl keep one T x T copy on the host (exact float64 active-set or Newton
     solvers, see tests/test_device_methods.py for the reason each); everything else in SYNC_FREE runs here."""
