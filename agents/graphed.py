@@ -130,7 +130,9 @@ class GraphedUpdate:
     def _capture(self, slot: _Slot, methods, do_target: bool) -> None:
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph, pool=self.pool):
+            # thread_local: a CUDA call from another thread of the process (a pinned copy of a worker's chunk) is
+            # not an error of this capture.
+            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
                 out = self._run(slot, methods, do_target)
         except Exception as e:  # noqa: BLE001 - any capture failure: the compiled step without a graph is correct
             self.capture = False
