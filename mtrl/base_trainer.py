@@ -35,7 +35,24 @@ from .rundir import _write_json, protocol, write_run_files
 from .rollout import RolloutWorker, WorkerPool
 from .supply import WorkerFailure, WorkerSupply
 
-__all__ = ["BaseTrainer", "NonFiniteError", "WorkerFailure"]
+__all__ = ["BaseTrainer", "NonFiniteError", "WorkerFailure", "apply_matmul_precision"]
+
+
+def matmul_precision_for(setting: str, device: torch.device) -> str:
+    """``matmul_precision`` resolved for the learner's device: ``auto`` is ``high`` (TF32 GEMMs) on CUDA -- the
+    JAX reference's default GPU precision runs float32 matmuls in TF32 too -- and ``highest`` (torch's own default:
+    CPU numerics unchanged) elsewhere; any other value as given."""
+    if setting == "auto":
+        return "high" if torch.device(device).type == "cuda" else "highest"
+    return setting
+
+
+def apply_matmul_precision(setting: str, device: torch.device) -> str:
+    """``torch.set_float32_matmul_precision`` for ``setting`` on ``device`` (:func:`matmul_precision_for`);
+    returns the precision that was in force before, so a caller can put it back."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(matmul_precision_for(setting, device))
+    return before
 
 
 class NonFiniteError(RuntimeError):
@@ -51,6 +68,10 @@ class BaseTrainer(WorkerSupply):
         self.run_dir = Path(run_dir)
         self.suite = get_suite(cfg.suite, cfg.tasks or None)
         self.device = resolve_device(cfg.device)
+        # Once per process, before the networks and the compiled graphs exist (Inductor reads it when it compiles);
+        # close() puts the previous one back (the Python API may run several trainings in one process).
+        self._matmul_before = apply_matmul_precision(cfg.matmul_precision, self.device)
+        self.matmul_precision = torch.get_float32_matmul_precision()
         T = self.suite.num_tasks
         self.T = T
         ss = np.random.SeedSequence(cfg.seed)
@@ -111,6 +132,7 @@ class BaseTrainer(WorkerSupply):
         compile_mode = self.learner.compile()  # the graphs are built at the first update (the time is printed)
         write_run_files(self.run_dir, self.cfg, self.suite, self.logger,
                         {"device": str(self.device), "compile": compile_mode,
+                         "matmul_precision": self.matmul_precision,
                          "replay": type(self.replay).__name__ if self.replay is not None else None})
         if self.cfg.workers > 0 and not self.cfg.address:
             # The local workers each hold `worker_cpus` cores; the learner takes what is left (at least one) —
@@ -134,6 +156,9 @@ class BaseTrainer(WorkerSupply):
 
             ray.shutdown()
             self._started_ray = False
+        if getattr(self, "_matmul_before", None) is not None:
+            torch.set_float32_matmul_precision(self._matmul_before)
+            self._matmul_before = None
 
     def train(self) -> Dict[str, Any]:
         """The whole run: collect and learn to ``total_steps``, final evaluation and checkpoint."""

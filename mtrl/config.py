@@ -118,6 +118,13 @@ class Config:
     # torch.compile of the learner's update step: "auto" (the trainer picks), "off" (eager), or a torch.compile
     # mode: "default", "reduce-overhead" (CUDA graphs), "max-autotune".
     compile: str = "auto"
+    # On CUDA, the compiled update is captured as ONE CUDA graph and replayed each update (agents/graphed.py);
+    # false = compiled without that capture. No effect on CPU or with compile=off.
+    cuda_graph: bool = True
+    # torch.set_float32_matmul_precision for the learner's process (mtrl/base_trainer.py): "auto" = "high" (TF32
+    # GEMMs) on CUDA, as the JAX reference's default GPU precision does for float32, and "highest" elsewhere (CPU
+    # numerics unchanged); or "highest" | "high" | "medium".
+    matmul_precision: str = "auto"
     run_dir: Optional[str] = None
     eval_every: int = 200_000  # env steps (all tasks); 0 = only at the end
     eval_episodes: int = 50  # per task; Meta-World protocol: 50 = one per goal
@@ -146,6 +153,7 @@ ALGOS = ("sac", "ppo")
 DEVICES = ("auto", "cpu", "cuda")
 REPLAY_DEVICES = ("auto", "cpu", "cuda")
 COMPILE_MODES = ("auto", "off", "default", "reduce-overhead", "max-autotune")
+MATMUL_PRECISIONS = ("auto", "highest", "high", "medium")
 INITS = ("torch", "he_uniform")
 
 
@@ -309,16 +317,26 @@ def suite_budget(suite: Optional[str], tasks: Optional[List[str]] = None) -> Opt
     return {"total_steps": steps * s.num_tasks, "sac": {"buffer_size": buffer * s.num_tasks}}
 
 
+def default_workers(slots: int, cpus: Optional[int] = None) -> int:
+    """The machine's default worker count: ``min(env slots, max(1, cpus - 2))``, two cores left to the learner's
+    host side (the driver's loop, dispatch, replay copies); ``cpus`` defaults to ``os.cpu_count()``. A 2-core
+    machine gets 1 worker, 16 cores MT10 10 (one per task)."""
+    cpus = os.cpu_count() if cpus is None else cpus
+    return max(1, min(slots, max(1, (cpus or 1) - 2)))
+
+
 def fit_default_workers(cfg: Config) -> None:
-    """The default ``workers`` (2) on a suite with fewer env slots (MT1: 1 task x envs_per_task 1) becomes one
-    worker per slot. Only for the default: an explicit ``--workers`` above the slots is refused by ``validate``."""
+    """Called when no flag, ``--config``, preset or ``--set`` named ``workers``: the default then fits the machine
+    and the suite, :func:`default_workers` over the env slots (tasks x envs_per_task). Joining a cluster
+    (``--address``), where this machine's cores say nothing about the cluster's, it stays ``cfg.workers`` (2)
+    capped at the slots. An explicit ``--workers`` above the slots is refused by ``validate`` instead."""
     from envs import get_suite
 
     try:
         slots = get_suite(cfg.suite, cfg.tasks or None).num_tasks * max(1, cfg.envs_per_task)
     except ValueError:
         return  # validate() names the bad suite
-    cfg.workers = min(cfg.workers, slots)
+    cfg.workers = min(cfg.workers, slots) if cfg.address else default_workers(slots)
 
 
 def validate(cfg: Config) -> None:
@@ -370,6 +388,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"replay_device={cfg.replay_device!r}; valid: {', '.join(REPLAY_DEVICES)}")
     if cfg.compile not in COMPILE_MODES:
         raise ConfigError(f"compile={cfg.compile!r}; valid: {', '.join(COMPILE_MODES)}")
+    if not isinstance(cfg.cuda_graph, bool):
+        raise ConfigError(f"cuda_graph={cfg.cuda_graph!r} is not a boolean; valid: true, false")
+    if cfg.matmul_precision not in MATMUL_PRECISIONS:
+        raise ConfigError(f"matmul_precision={cfg.matmul_precision!r}; valid: {', '.join(MATMUL_PRECISIONS)}")
     positive = {"total_steps": cfg.total_steps, "eval_episodes": cfg.eval_episodes, "chunk_steps": cfg.chunk_steps,
                 "log_every": cfg.log_every, "log_grad_every": cfg.log_grad_every,
                 "weight_sync_every": cfg.weight_sync_every, "sac.batch_size": cfg.sac.batch_size,

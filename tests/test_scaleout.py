@@ -45,7 +45,7 @@ def _run(tmp_path, name, *args):
     return rc, run
 
 
-def test_workers_above_the_env_slots_are_refused_not_capped(tmp_path, capsys):
+def test_workers_above_the_env_slots_are_refused_not_capped(tmp_path, capsys, monkeypatch):
     rc, run = _run(tmp_path, "bad", "--suite", "mt1-reach-v3", "--workers", "5", "--envs-per-task", "4")
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and not run.exists()
@@ -57,7 +57,8 @@ def test_workers_above_the_env_slots_are_refused_not_capped(tmp_path, capsys):
     rc, _ = _run(tmp_path, "ctx", "--suite", "mt10", "--envs-per-task", "2", "--backbone", "t2mir",
                  "--set", "backbone_kwargs.use_task_id=false")
     assert rc == 2 and "cannot run with a backbone that reads contexts" in capsys.readouterr().err
-    # Only an explicit --workers is refused: the default 2 becomes 1 on a one-task suite.
+    # Only an explicit --workers is refused: the default (min(slots, cores - 2), issue 21) fits the slots.
+    monkeypatch.setattr("os.cpu_count", lambda: 4)
     assert train.make_config(train.build_parser().parse_args(["--suite", "mt1-reach-v3"])).workers == 1
     assert train.make_config(train.build_parser().parse_args(["--suite", "mt1-reach-v3", "--envs-per-task",
                                                               "4"])).workers == 2
