@@ -76,14 +76,18 @@ class HoME(Backbone):
     DEFAULTS: Dict[str, Any] = dict(width=400, depth=2, num_groups=2, groups=None, shared_experts=2,
                                     group_experts=1, task_experts=1, lora_rank=16, feature_gate=True,
                                     self_gate=True, expert_norm=True)
+    # The structure fixes depth (mtrl.nets.registry.fixed_options): a preset's depth meant for another backbone
+    # (pcgrad's 3 x 400 multihead) yields to it with a note at start-up, its width is used (mtrl.config).
+    FIXED_OPTIONS = {"depth": (2, "HoME has a meta level and a task level")}
 
     def __init__(self, in_dim: int, out_dim: int, num_tasks: int, **options: Any) -> None:
         super().__init__(in_dim, out_dim, num_tasks)
         n = "home"
         o = parse_options(n, options, self.DEFAULTS)
         width = check_int(n, "width", o["width"])
-        if check_int(n, "depth", o["depth"]) != 2:
-            raise ValueError("backbone 'home': depth must be 2 (a meta level and a task level)")
+        depth, (fixed, why) = check_int(n, "depth", o["depth"]), self.FIXED_OPTIONS["depth"]
+        if depth != fixed:
+            raise ValueError(f"backbone 'home': depth={depth} must be {fixed} ({why})")
         T = num_tasks
         G = check_int(n, "num_groups", o["num_groups"])
         groups = o["groups"]

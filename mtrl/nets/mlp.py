@@ -1,17 +1,24 @@
 """``mlp``: the MT-SAC network — an MLP on [x, one_hot(task)] (Yu et al., Meta-World, CoRL 2019).
 
 Published MT-SAC size: 3 hidden layers of 400 units, ReLU. ``width``/``depth`` are settable for a width-matched
-baseline (``--set backbone_kwargs.width=...``).
+baseline (``--set backbone_kwargs.width=...``); an unknown option or a bad value is a one-line ValueError.
 """
 
 from __future__ import annotations
 
-from typing import List
+from typing import Any, Dict, List, Tuple
 
 import torch
 from torch import Tensor, nn
 
+from ._common import check_int, parse_options
 from .registry import register
+
+
+def width_depth(name: str, options: Dict[str, Any], defaults: Dict[str, Any]) -> Tuple[int, int]:
+    """Validated ``(width, depth)`` of an MLP-shaped backbone (mlp, multihead)."""
+    o = parse_options(name, options, defaults)
+    return check_int(name, "width", o["width"]), check_int(name, "depth", o["depth"])
 
 
 def task_one_hot(task_id: Tensor, num_tasks: int, batch: int, dtype: torch.dtype) -> Tensor:
@@ -33,10 +40,11 @@ def mlp(in_dim: int, out_dim: int, width: int, depth: int) -> nn.Sequential:
 
 @register("mlp")
 class MLPBackbone(nn.Module):
-    def __init__(self, in_dim: int, out_dim: int, num_tasks: int, width: int = 400, depth: int = 3) -> None:
+    DEFAULTS: Dict[str, Any] = dict(width=400, depth=3)
+
+    def __init__(self, in_dim: int, out_dim: int, num_tasks: int, **options: Any) -> None:
         super().__init__()
-        if width < 1 or depth < 1:
-            raise ValueError(f"mlp backbone needs width >= 1 and depth >= 1, got width={width}, depth={depth}")
+        width, depth = width_depth("mlp", options, self.DEFAULTS)
         self.num_tasks = num_tasks
         self.net = mlp(in_dim + num_tasks, out_dim, width, depth)
 

@@ -4,21 +4,22 @@ loss only reaches its own head (``task_specific_parameters``)."""
 
 from __future__ import annotations
 
-from typing import Set
+from typing import Any, Dict, Set
 
 import torch
 from torch import Tensor, nn
 
-from .mlp import mlp, task_one_hot
+from .mlp import mlp, task_one_hot, width_depth
 from .registry import register
 
 
 @register("multihead")
 class MultiHeadBackbone(nn.Module):
-    def __init__(self, in_dim: int, out_dim: int, num_tasks: int, width: int = 400, depth: int = 3) -> None:
+    DEFAULTS: Dict[str, Any] = dict(width=400, depth=3)
+
+    def __init__(self, in_dim: int, out_dim: int, num_tasks: int, **options: Any) -> None:
         super().__init__()
-        if width < 1 or depth < 1:
-            raise ValueError(f"multihead backbone needs width >= 1 and depth >= 1, got width={width}, depth={depth}")
+        width, depth = width_depth("multihead", options, self.DEFAULTS)
         self.num_tasks = num_tasks
         self.trunk = nn.Sequential(*list(mlp(in_dim + num_tasks, width, width, depth).children())[:-1])
         bound = 1.0 / width ** 0.5
