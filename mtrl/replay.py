@@ -6,7 +6,8 @@ B transitions from EVERY task, so a task's loss is always computed from its own 
 Two storages with one interface (``add``, ``can_sample``, ``sample``, ``contexts``, ``state_dict``, ``len``):
 
 * :class:`MultiTaskReplay`: numpy on the host, sampled with its own numpy RNG (``seed``); a resumed run draws
-  exactly the indices the uninterrupted one would. ``sample(..., generator=)`` is accepted and ignored.
+  exactly the indices the uninterrupted one would. ``sample(..., generator=)`` is accepted and ignored. A batch
+  for a CUDA learner goes over from pinned memory (an asynchronous copy).
 * :class:`DeviceReplay`: preallocated torch tensors on a device (the learner's GPU); ``sample`` draws indices on
   the device with a ``torch.Generator`` and gathers there, with no host synchronisation.
 
@@ -122,7 +123,10 @@ class MultiTaskReplay(_Rings):
         Indices come from this replay's numpy RNG (``generator`` is ignored: it is there for the interface of
         :class:`DeviceReplay`)."""
         out = self.gather(self.draw(batch_per_task), context_len)
-        if device is not None and device.type != "cpu":
+        if device is not None and device.type == "cuda":
+            # Through pinned memory, so the copy is asynchronous (from pageable memory it would wait for the host).
+            out = {k: v.pin_memory().to(device, non_blocking=True) for k, v in out.items()}
+        elif device is not None and device.type != "cpu":
             out = {k: v.to(device, non_blocking=True) for k, v in out.items()}
         return out
 
