@@ -9,12 +9,21 @@ value and what is valid; ``scripts/train.py`` turns that into exit code 2.
 A preset is named by ``--method``: either a gradient method's own file (``pcgrad``: ``method: pcgrad``) or a
 baseline whose ``method:`` is another name (``sm``, ``moore``, ``mtmhsac``...: ``method: mtsac``); ``preset``
 records which file was applied (config.yaml, run_info.json, TensorBoard TEXT).
+
+A preset's ``backbone_kwargs`` describe ITS backbone (:func:`fit_preset_options`, README *Backbones*): when
+``--backbone`` (``--config``, ``--set backbone=``) picks another one, only the preset's ``width`` and ``depth``
+follow, and only where the new backbone takes them and its structure does not fix them (HoME's two levels fix
+``depth`` = 2: the preset's depth yields, with a one-line note at start-up); the preset's other options (moore's
+``n_experts``, sm's ``num_modules``...) are not used. A ``--critic-backbone`` gets the preset's options by the same
+rule, under its own ``critic_backbone_kwargs``. Options the user sets (``--config``, ``--set``) always go to the
+chosen backbone, and a bad one is an error naming where it was set (:func:`sources`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, get_type_hints
@@ -100,7 +109,8 @@ class Config:
     backbone: str = "mlp"
     backbone_kwargs: Dict[str, Any] = field(default_factory=dict)
     # The critic's (SAC twin Q / PPO value) network when it must differ ("" = `backbone` with `backbone_kwargs`),
-    # e.g. MENTOR: moe in the actor, a plain MLP critic. Its options are then `critic_backbone_kwargs` alone.
+    # e.g. MENTOR: moe in the actor, a plain MLP critic. Its options are then `critic_backbone_kwargs`, over a
+    # preset's backbone options by the rule of fit_preset_options (none from a preset without any).
     critic_backbone: str = ""
     critic_backbone_kwargs: Dict[str, Any] = field(default_factory=dict)
     seed: int = 0
@@ -254,6 +264,156 @@ def set_key(cfg: Config, assignment: str) -> None:
     apply_mapping(cfg, mapping, f"--set {assignment}")
 
 
+KWARG_MAPPINGS = ("method_kwargs", "backbone_kwargs", "critic_backbone_kwargs")
+# What a preset's backbone options carry to another backbone: the sizes every backbone takes.
+CARRIED_OPTIONS = ("width", "depth")
+
+
+def sources(cfg: Config) -> Dict[str, str]:
+    """Where the names and options of the method and backbones came from, for error messages: ``{"backbone":
+    "--backbone", "backbone_kwargs.depth": "configs/methods/pcgrad.yaml", ...}``. Filled by
+    ``mtrl.train_cli.make_config`` (:func:`record_sources`); empty for a Config built another way. Not a setting:
+    not saved in config.yaml."""
+    return cfg.__dict__.setdefault("_sources", {})
+
+
+def notes(cfg: Config) -> List[str]:
+    """One-line notes about how the settings were combined (:func:`fit_preset_options`), printed at start-up."""
+    return cfg.__dict__.setdefault("_notes", [])
+
+
+def record_sources(cfg: Config, mapping: Dict[str, Any], source: str) -> None:
+    """Note ``source`` for the names and options a settings layer sets (a mapping replaces a mapping whole, as
+    :func:`apply_mapping` does)."""
+    src = sources(cfg)
+    for key in ("method", "backbone", "critic_backbone"):
+        if key in mapping:
+            src[key] = source
+    for head in KWARG_MAPPINGS:
+        if isinstance(mapping.get(head), dict):
+            for k in [k for k in src if k.startswith(head + ".")]:
+                del src[k]
+            src.update({f"{head}.{k}": source for k in mapping[head]})
+
+
+def record_set(cfg: Config, assignment: str) -> None:
+    """:func:`record_sources` for one ``--set key=value`` (call after :func:`set_key` accepted it)."""
+    key = assignment.split("=", 1)[0].strip()
+    head, _, rest = key.partition(".")
+    if head in KWARG_MAPPINGS and rest:
+        sources(cfg)[key] = f"--set {assignment}"
+    elif head in KWARG_MAPPINGS or key in ("method", "backbone", "critic_backbone"):
+        record_sources(cfg, {key: getattr(cfg, key)}, f"--set {assignment}")
+
+
+def _fmt(options: Dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in options.items())
+
+
+def _carry(options: Dict[str, Any], backbone: str) -> tuple:
+    """(kept, not used, yielded {option: fixed value}) of a preset's options for another backbone."""
+    from mtrl.nets.registry import backbone_options, fixed_options
+
+    takes, fixed = backbone_options(backbone), fixed_options(backbone)
+    kept, dropped, yielded = {}, {}, {}
+    for k, v in options.items():
+        if k not in CARRIED_OPTIONS or (takes is not None and k not in takes):
+            dropped[k] = v
+        elif k in fixed and fixed[k][0] != v:
+            yielded[k] = v
+        else:
+            kept[k] = v
+    return kept, dropped, yielded
+
+
+def fit_preset_options(cfg: Config, preset_backbone: str, preset_options: Dict[str, Any], source: str) -> None:
+    """THE RULE for a preset's ``backbone_kwargs`` (``preset_options``, from ``source`` =
+    ``configs/methods/<preset>.yaml``) once the run's backbone is not the preset's (``preset_backbone``):
+
+    * they describe the preset's backbone: a network built on that backbone gets them all;
+    * a network on another backbone gets only ``width`` and ``depth`` (:data:`CARRIED_OPTIONS`), where it takes
+      them (:func:`mtrl.nets.registry.backbone_options`) with the same meaning (hidden size, layers); the
+      preset's other options (moore's ``n_experts``...) belong to its backbone and are not used;
+    * where the backbone's structure fixes one of them (:func:`mtrl.nets.registry.fixed_options`: HoME's
+      ``depth`` = 2, a meta level and a task level) the preset's value yields to it;
+    * the critic: with ``critic_backbone`` set, it gets the preset's options by the same rule, under the user's
+      ``critic_backbone_kwargs`` (those win key by key);
+    * options the user set (``--config``, ``--set``; :func:`sources` says which) are never touched here: they go
+      to the chosen backbone, and :func:`validate` names their source when they are invalid there.
+
+    Anything dropped or yielded gives one line in :func:`notes` (printed at start-up)."""
+    src = sources(cfg)
+
+    def fit(role: str, backbone: str, options: Dict[str, Any]) -> Dict[str, Any]:
+        kept, dropped, yielded = _carry(options, backbone)
+        if dropped or yielded:
+            from mtrl.nets.registry import fixed_options
+
+            fixed = fixed_options(backbone)
+            said = [f"{_fmt(kept)} used"] if kept else []
+            if dropped:
+                said.append(f"{_fmt(dropped)} not used (options of {preset_backbone})")
+            said += [f"{k}={v!r} yields to {backbone}'s fixed {k}={fixed[k][0]!r} ({fixed[k][1]})"
+                     for k, v in yielded.items()]
+            notes(cfg).append(f"note: {role} {backbone!r} is not the preset's {preset_backbone!r}; of its options "
+                              f"in {source}: {'; '.join(said)}")
+        return kept
+
+    if cfg.backbone != preset_backbone:
+        own = {k: v for k, v in cfg.backbone_kwargs.items() if src.get(f"backbone_kwargs.{k}") == source}
+        kept = fit("backbone", cfg.backbone, own)
+        for k in set(own) - set(kept):
+            del cfg.backbone_kwargs[k]
+            del src[f"backbone_kwargs.{k}"]
+    if cfg.critic_backbone and preset_options:
+        kept = (dict(preset_options) if cfg.critic_backbone == preset_backbone
+                else fit("critic_backbone", cfg.critic_backbone, preset_options))
+        for k, v in kept.items():
+            if k not in cfg.critic_backbone_kwargs:
+                cfg.critic_backbone_kwargs[k] = v
+                src[f"critic_backbone_kwargs.{k}"] = source
+
+
+def _strip_own_prefix(message: str, kind: str, name: str) -> str:
+    """A backbone's or method's message without its own ``backbone 'x':`` prefix (the caller adds the role's)."""
+    for pre in (f"{kind} {name!r}: ", f"{kind} {name!r} "):
+        if message.startswith(pre):
+            return message[len(pre):]
+    return message
+
+
+ROLE_OPTIONS = {"method": "method_kwargs", "actor_method": "method_kwargs", "backbone": "backbone_kwargs",
+                "critic_backbone": "critic_backbone_kwargs"}
+
+
+def said_with_sources(cfg: Config, role: str, options: Dict[str, Any], keys: List[str]) -> str:
+    """``--set backbone_kwargs.a=1, b=2, c=3 in configs/methods/x.yaml``: where the options ``keys`` of ``role``
+    were set (:func:`sources`), grouped by file; an option filled in by validation has no source."""
+    src, head = sources(cfg), ROLE_OPTIONS[role]
+    groups: Dict[str, List[str]] = {}  # source -> the options set there
+    for k in keys:
+        groups.setdefault(src.get(f"{head}.{k}", ""), []).append(f"{k}={options[k]!r}")
+    said = []
+    for where, kv in groups.items():
+        if where.startswith("--set "):  # one option each, and it shows the value
+            said.append(where)
+        else:
+            said.append(", ".join(kv) + (f" in {where}" if where else ""))
+    return ", ".join(said)
+
+
+def option_error(cfg: Config, role: str, name: str, options: Dict[str, Any], message: str) -> ConfigError:
+    """One line: ``<role> '<name>': <message> (<option>=<value> from <source>...)`` naming where the options the
+    message mentions were set (flag, --set, --config file, configs/methods/<preset>.yaml)."""
+    kind = "method" if role in ("method", "actor_method") else "backbone"
+    msg = _strip_own_prefix(message.splitlines()[0] if message else "", kind, name)
+    msg = msg[len("got "):] if msg.startswith("got ") else msg  # "got unknown option(s)" after the prefix
+    src, head = sources(cfg), ROLE_OPTIONS[role]
+    named = [k for k in options if f"{head}.{k}" in src and re.search(rf"(?<![\w.]){re.escape(k)}(?!\w)", msg)]
+    return ConfigError(f"{role} {name!r}: {msg}" + (f" ({said_with_sources(cfg, role, options, named)})"
+                                                    if named else ""))
+
+
 def load_yaml(path: os.PathLike | str) -> Dict[str, Any]:
     p = Path(path)
     if not p.is_file():
@@ -367,6 +527,9 @@ def validate(cfg: Config) -> None:
             msg = str(e).splitlines()[0]
             if role == "method":  # --method also takes the baseline presets (sm, moore, mtmhsac...)
                 msg += f"; presets: {', '.join(available_presets())}"
+            where = sources(cfg).get(role, "")
+            if where and not where.startswith("--" + role.replace("_", "-")):  # a flag names itself
+                msg += f" ({role} from {where})"
             raise ConfigError(msg if role in ("method", "backbone") or not msg.startswith("unknown")
                               else msg.replace(f"unknown {registry.kind}", f"unknown {role}", 1)) from None
     if cfg.preset and method_preset(cfg.preset) is None:
@@ -433,8 +596,9 @@ def validate(cfg: Config) -> None:
         if cfg.method != "stl":  # stl has no gradient method to build (issue 7)
             get_method(cfg.method, suite.num_tasks, **cfg.method_kwargs)
     except (TypeError, ValueError) as e:
-        raise ConfigError(f"method {cfg.method!r}: {str(e).splitlines()[0]}") from None
+        raise option_error(cfg, "method", cfg.method, cfg.method_kwargs, str(e)) from None
     from mtrl.nets.context import with_transition_dim
+    from mtrl.nets.registry import backbone_options
 
     roles = [("backbone", cfg.backbone, cfg.backbone_kwargs)]
     if cfg.critic_backbone:
@@ -447,11 +611,16 @@ def validate(cfg: Config) -> None:
         if getattr(BACKBONES.get(name), "needs_task_names", False) and not {"tasks", "suite"} & set(kwargs):
             # Derived setting, stored in config.yaml: a custom 10-task list must not be mistaken for MT10's order.
             kwargs["tasks"] = suite.task_names
+        takes = backbone_options(name)
+        unknown = sorted(set(kwargs) - takes) if takes is not None else []
+        if unknown:
+            raise ConfigError(f"{role} {name!r}: unknown option(s) {', '.join(unknown)} "
+                              f"({said_with_sources(cfg, role, kwargs, unknown)}); valid: {', '.join(sorted(takes))}")
         try:
             bb = build_backbone(name, 4, 2, suite.num_tasks,
                                 **with_transition_dim(name, kwargs, suite.obs_dim, suite.act_dim))
         except (TypeError, ValueError) as e:
-            raise ConfigError(f"{role} {name!r}: {str(e).splitlines()[0]}") from None
+            raise option_error(cfg, role, name, kwargs, str(e)) from None
         if getattr(bb, "context_len", 0):
             context_lens.add(bb.context_len)
             if cfg.algo != "sac":

@@ -77,8 +77,8 @@ RESUME_MUTABLE = {"total_steps", "workers", "worker_cpus", "device", "eval_every
 
 
 def make_config(args: argparse.Namespace):
-    from mtrl.config import (CONFIG_DIR, Config, ConfigError, apply_mapping, fit_default_workers, load_preset,
-                             load_yaml, set_key, suite_budget)
+    from mtrl.config import (CONFIG_DIR, Config, ConfigError, apply_mapping, fit_default_workers, fit_preset_options,
+                             load_preset, load_yaml, record_set, record_sources, set_key, suite_budget)
 
     cfg = Config()
     apply_mapping(cfg, load_yaml(CONFIG_DIR / "default.yaml"), "configs/default.yaml")
@@ -96,11 +96,15 @@ def make_config(args: argparse.Namespace):
     method = args.method or file_data.get("method") or cfg.method
     preset_data = load_preset(str(method), str(suite) if suite else None)
     preset = preset_data is not None
+    preset_src = f"configs/methods/{method}.yaml"
     if preset:
-        apply_mapping(cfg, preset_data, f"configs/methods/{method}.yaml")
+        apply_mapping(cfg, preset_data, preset_src)
+        record_sources(cfg, preset_data, preset_src)
         cfg.preset = str(method)
+    preset_backbone = cfg.backbone  # the backbone the preset's backbone_kwargs describe
     if file_data:
         apply_mapping(cfg, file_data, f"--config {args.config}")
+        record_sources(cfg, file_data, f"--config {args.config}")
         if preset and cfg.method == method:  # `method: sm` in the file named the preset, not a gradient method
             cfg.method = preset_data.get("method", method)
     for key in FLAG_KEYS:
@@ -111,6 +115,7 @@ def make_config(args: argparse.Namespace):
             v = preset_data["method"]
         if v is not None:
             setattr(cfg, key, v)
+            record_sources(cfg, {key: v}, "--" + key.replace("_", "-"))
     if args.tasks is not None:
         cfg.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
         if not cfg.tasks:
@@ -119,6 +124,9 @@ def make_config(args: argparse.Namespace):
         cfg.progress = False
     for s in args.set:
         set_key(cfg, s)
+        record_set(cfg, s)
+    if preset:  # issue 22: what the preset's backbone options mean on another backbone (README Backbones)
+        fit_preset_options(cfg, preset_backbone, dict(preset_data.get("backbone_kwargs") or {}), preset_src)
     if args.workers is None and "workers" not in sets and "workers" not in file_data and \
             "workers" not in (preset_data or {}):
         fit_default_workers(cfg)  # issue 13: an explicit --workers above the env slots is an error instead
@@ -171,8 +179,10 @@ def budget_line(cfg) -> str:
 
 def prepare(args: argparse.Namespace):
     """Config, checks and run directory of a run: (cfg, run_dir, checkpoint payload or None). Raises ConfigError
-    (one line) on bad input before anything is written. Shared with the Python API (``mtrl.train``)."""
-    from mtrl.config import ConfigError, validate
+    (one line) on bad input before anything is written; once everything passed, prints the one-line notes on how
+    the settings were combined (a preset's backbone options on another backbone: mtrl.config.fit_preset_options).
+    Shared with the Python API (``mtrl.train``)."""
+    from mtrl.config import ConfigError, notes, validate
 
     if args.resume:
         cfg, run_dir = resume_config(args)
@@ -206,6 +216,8 @@ def prepare(args: argparse.Namespace):
             payload = load(run_dir / "checkpoint.pt")
         except CheckpointError as e:
             raise ConfigError(str(e)) from None
+    for line in notes(cfg):
+        print(line, flush=True)
     return cfg, run_dir, payload
 
 

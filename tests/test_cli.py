@@ -31,7 +31,25 @@ CASES = [
     (["--suite", "mt10", "--set", "sac.tau=fast"], "sac.tau='fast' is not a number"),
     (["--suite", "mt10", "--set", "sac.tau=2"], "sac.tau=2.0 must be in (0, 1]"),
     (["--suite", "mt10", "--set", "noequals"], "is not key=value"),
-    (["--suite", "mt10", "--set", "backbone_kwargs.widht=3"], "backbone 'mlp':"),
+    (["--suite", "mt10", "--set", "backbone_kwargs.widht=3"],
+     "backbone 'mlp': unknown option(s) widht (--set backbone_kwargs.widht=3); valid: depth, width"),
+    # issue 22: options the user sets go to the chosen backbone; errors name where a value came from, once prefixed
+    (["--suite", "mt10", "--backbone", "multihead", "--set", "backbone_kwargs.width=0"],
+     "backbone 'multihead': option width=0 must be an integer >= 1 (--set backbone_kwargs.width=0)"),
+    (["--suite", "mt10", "--method", "pcgrad", "--backbone", "home", "--set", "backbone_kwargs.depth=3"],
+     "backbone 'home': depth=3 must be 2 (HoME has a meta level and a task level) (--set backbone_kwargs.depth=3)"),
+    (["--suite", "mt10", "--method", "moore", "--backbone", "moe", "--set", "backbone_kwargs.n_experts=4"],
+     "backbone 'moe': unknown option(s) n_experts (--set backbone_kwargs.n_experts=4); valid: "),
+    (["--suite", "mt10", "--method", "moore", "--set", "backbone_kwargs.width=3"],
+     "backbone 'moore': n_experts=4 orthonormal vectors do not fit in width=3 (--set backbone_kwargs.width=3, "
+     "n_experts=4 in configs/methods/moore.yaml)"),
+    (["--suite", "mt10", "--method", "moore", "--backbone", "mlp", "--critic-backbone", "moore", "--set",
+      "critic_backbone_kwargs.width=2"], "critic_backbone 'moore': n_experts=4 orthonormal vectors do not fit in "
+                                         "width=2 (--set critic_backbone_kwargs.width=2, n_experts=4 in "
+                                         "configs/methods/moore.yaml)"),
+    (["--suite", "mt10", "--method", "cagrad", "--set", "method=pcgrad"],
+     "method 'pcgrad': unknown option(s) ['c', 'rescale', 'solver']; valid options: chunk_size, memory_budget_mb "
+     "(c=0.5, rescale=1, solver='exact' in configs/methods/cagrad.yaml)"),
     (["--suite", "mt10", "--set", "method_kwargs.c=3"], "method 'mtsac':"),
     (["--suite", "mt10", "--critic-backbone", "nope"], "unknown critic_backbone 'nope'; valid: "),
     (["--suite", "mt10", "--set", "critic_backbone_kwargs.width=3"], "critic_backbone is not"),
@@ -60,7 +78,7 @@ CASES = [
     (["--suite", "mt10", "--method", str(ROOT / "examples/my_method.py") + ":RLW", "--set", "method_kwargs.temperature=0"],
      "option temperature=0 is invalid"),
     (["--suite", "mt10", "--backbone", str(ROOT / "examples/my_backbone.py") + ":FiLM", "--set", "backbone_kwargs.widht=3"],
-     "unexpected keyword argument 'widht'"),
+     "unknown option(s) widht (--set backbone_kwargs.widht=3); valid: depth, width"),
     (["--suite", "gym:Pendulum-v1,CartPole-v1"], "task 'CartPole-v1' has a Discrete(2) action space"),
     (["--suite", "gym:NoSuchEnv-v0"], "gym task 'NoSuchEnv-v0': gymnasium.make raised"),
     (["--suite", "dmc:walker-fly"], "unknown dm_control task 'walker-fly'; valid: "),
@@ -92,6 +110,24 @@ def test_bad_config_file_key_and_existing_run_dir(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         train.main(["--suite", "mt10", "--run-dir", str(used)])
     assert e.value.code == 2 and "already holds a run" in capsys.readouterr().err
+
+
+def test_config_file_options_are_named_with_the_file(tmp_path, capsys):
+    """issue 22: a --config file's backbone options go to the backbone it names (or the flag's), and an invalid one
+    names the file; a --config backbone that does not exist names the file too."""
+    f = tmp_path / "c.yaml"
+    f.write_text("backbone: moe\nbackbone_kwargs: {n_experts: 3}\n")
+    with pytest.raises(SystemExit) as e:
+        train.main(["--suite", "mt10", "--method", "moore", "--config", str(f), "--run-dir", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1
+    assert f"backbone 'moe': unknown option(s) n_experts (n_experts=3 in --config {f}); valid: " in err
+    f.write_text("backbone: nope\n")
+    with pytest.raises(SystemExit) as e:
+        train.main(["--suite", "mt10", "--config", str(f), "--run-dir", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "unknown backbone 'nope'; valid: " in err and f"(backbone from --config {f})" in err
+    assert not (tmp_path / "r").exists()
 
 
 def test_resume_dir_without_checkpoint(tmp_path, capsys):
