@@ -1,10 +1,15 @@
 """CUDA checks (``pytest -m gpu``; skipped where torch sees no GPU). ``scripts/gpu_check.sh`` runs them with the
-learner benchmark on a GPU machine in under 8 minutes. The CPU-only CI proves the same step sync-free and
-device-clean on ``meta`` (tests/test_device.py); these run it for real."""
+learner benchmark and a real run on a GPU machine in under 8 minutes. The CPU-only CI proves the same step
+sync-free and device-clean on ``meta`` (tests/test_device.py); these run it for real.
+
+First (issue 21, the most important, so a cut-off run has them): every compilable baseline preset at its real
+MT10 size, compiled with ``compile=auto`` and captured as one CUDA graph, with no fallback, replaying, and equal to
+the eager update."""
 
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -19,7 +24,9 @@ from mtrl.nets import available_backbones
 
 from conftest import TINY
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))  # train.py
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))  # train.py, bench_learner.py
+
+import bench_learner  # noqa: E402
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")]
 T, B, OBS, ACT = 4, 16, 6, 3
@@ -41,6 +48,76 @@ def _batch(device, n=T, seed=0):
          "reward": torch.randn(n, B, generator=g), "next_obs": torch.randn(n, B, OBS, generator=g),
          "terminated": torch.zeros(n, B)}
     return {k: v.to(device) for k, v in b.items()}
+
+
+# The baseline presets (issue 12) that train MT-SAC; bench_learner.case_spec("preset:<name>") builds each at its
+# MT10 size (T=10, batch 10x128, obs 39, action 4) with the preset's networks and SAC settings.
+# The three of the benchmark first; the others at the end of the file, after the cheap tests (a cut-off run of
+# scripts/gpu_check.sh then still has those).
+BASELINE_PRESETS = ["mtsac", "pcgrad", "mtmhsac"]
+MORE_BASELINE_PRESETS = ["sm", "moore", "paco", "care"]
+FALLBACK = re.compile(r"torch\.compile of .* failed|runs eagerly|not captured as one graph|capture of the update failed")
+
+
+@pytest.fixture
+def fp32_exact():
+    """Full float32 matmuls while compiled and eager are compared (the runs' TF32 would blur rtol 1e-3)."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    yield
+    torch.set_float32_matmul_precision(before)
+
+
+@pytest.mark.parametrize("preset", BASELINE_PRESETS)
+def test_preset_compiles_captures_and_matches_eager_on_cuda(preset, capfd, monkeypatch, fp32_exact):
+    _check_preset(preset, capfd, monkeypatch)
+
+
+def _check_preset(preset, capfd, monkeypatch):
+    """(a) compile=auto builds the whole update as one compiled graph with no fallback, (b) the CUDA graph is
+    captured and replayed, (c) the captured compiled update equals the eager one (rtol 1e-3) over 6 updates."""
+    from agents import compiled
+
+    monkeypatch.setenv("MTRL_COMPILE_STRICT", "1")  # a fallback raises instead of running eagerly
+    eager, _ = bench_learner.sac_agent(f"preset:{preset}", None, CUDA, "off")
+    if compiled.resolve("auto", CUDA, [eager.critic_method, eager.actor_method], [eager.actor, eager.critic],
+                        capture=True) == "off":
+        pytest.skip(f"preset {preset}: compile=auto runs it eagerly by design (not a compilable preset)")
+    comp, used = bench_learner.sac_agent(f"preset:{preset}", None, CUDA, "auto", capture=True)
+    assert used == "default"  # auto with the capture: Inductor's plain kernels inside our own graph
+    for i in range(6):  # 1 eager (optimizer state), warm-up calls on a side stream, the capture, replays
+        b = bench_learner.sac_batch(CUDA, seed=i)
+        ie, ic = eager.update(b), comp.update(b)
+        for k in ("critic_losses", "actor_losses", "alpha"):
+            torch.testing.assert_close(ic[k], ie[k], rtol=1e-3, atol=1e-4, msg=f"{preset} update {i}: {k}")
+    torch.cuda.synchronize()
+    err = capfd.readouterr().err
+    assert not FALLBACK.search(err), err
+    assert comp._full is not None and comp._full.compiled is not None, "the one-graph update did not compile"
+    g = comp.graph
+    assert g is not None and g.captured and g.replays > 0, (getattr(g, "captured", None), getattr(g, "replays", None), getattr(g, "why_not", None))
+    for mod_e, mod_c in ((eager.critic, comp.critic), (eager.actor, comp.actor)):
+        for (name, a), c in zip(mod_e.named_parameters(), mod_c.parameters()):
+            torch.testing.assert_close(c, a, rtol=1e-3, atol=1e-4, msg=f"{preset}: {name}")
+    eager.nonfinite()
+    comp.nonfinite()
+
+
+def test_weight_copy_for_the_broadcast_equals_policy_state_on_cuda():
+    """The runner's non-blocking weight copy (mtrl/runner.py WeightCopy) ships what policy_state() does."""
+    from mtrl.runner import WeightCopy
+
+    ag = _agent(CUDA)
+    copy = WeightCopy(ag.actor)
+    ag.update(_batch(CUDA))
+    copy.start()
+    got = copy.take(wait=True)
+    want = ag.policy_state()
+    assert got is not None and set(got) == set(want) and not copy.pending
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k])
+    ag.update(_batch(CUDA, seed=1))  # a later update does not change the copy already taken
+    np.testing.assert_array_equal(got[k], want[k])
 
 
 METHODS = sorted(set(available_methods()) - {"mean", "samgs", "stl"})
@@ -85,18 +162,6 @@ def test_resume_cpu_to_cuda_to_cpu():
     back.update(_batch("cpu"))
 
 
-@pytest.mark.parametrize("method", ["mtsac", "pcgrad"])
-def test_compiled_agrees_with_eager_on_cuda(method):
-    eager, comp = _agent(CUDA, method=method), _agent(CUDA, method=method)
-    assert comp.compile("auto") == "reduce-overhead"
-    for i in range(3):
-        b = _batch(CUDA, seed=i)
-        ie, ic = eager.update(b), comp.update(b)
-        torch.testing.assert_close(ic["critic_losses"], ie["critic_losses"], rtol=1e-3, atol=1e-4)
-    for a, c in zip(eager.critic.parameters(), comp.critic.parameters()):
-        torch.testing.assert_close(c, a, rtol=1e-3, atol=1e-4)
-
-
 def test_mt10_pcgrad_300_updates_with_ray_workers_on_cuda(tmp_path):
     import train
 
@@ -108,3 +173,8 @@ def test_mt10_pcgrad_300_updates_with_ray_workers_on_cuda(tmp_path):
     res = json.loads((run / "results.json").read_text())["final"]
     assert res["updates"] >= 300
     assert json.loads((run / "run_info.json").read_text())["device"] == "cuda"
+
+
+@pytest.mark.parametrize("preset", MORE_BASELINE_PRESETS)
+def test_more_presets_compile_capture_and_match_eager_on_cuda(preset, capfd, monkeypatch, fp32_exact):
+    _check_preset(preset, capfd, monkeypatch)
