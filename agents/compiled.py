@@ -89,13 +89,17 @@ class Compiled:
         # share the method's code object, so the second one ran the first one's graph (a 3 x 8 graph on 3 x 400
         # weights).
         raise_recompile_limit()
+        self.fullgraph = fullgraph
         backend = os.environ.get("MTRL_COMPILE_BACKEND", "inductor")
+        self.options: Optional[Dict[str, Any]] = None
         if backend == "inductor":
-            self.compiled: Optional[Callable] = torch.compile(fn, options=inductor_options(mode, small_matmul),
-                                                              dynamic=False, fullgraph=fullgraph)
+            self.options = inductor_options(mode, small_matmul)
+            self.compiled: Optional[Callable] = torch.compile(fn, options=self.options, dynamic=False,
+                                                              fullgraph=fullgraph)
         else:  # a test knob: "aot_eager" builds the same one graph (Dynamo + AOTAutograd) without Inductor's codegen
             self.compiled = torch.compile(fn, backend=backend, dynamic=False, fullgraph=fullgraph)
         self.first = True
+        self.retried = False  # compiled again without Inductor's pattern-matcher passes after a failure
         self.seconds = 0.0
 
     def __call__(self, *args: Any) -> Any:
@@ -110,6 +114,19 @@ class Compiled:
             # same way; an error raised by the compiled code itself is the run's and propagates.
             if not first and not is_compiler_error(e):
                 raise
+            if self.options is not None and not self.retried and self.options.get("pattern_matcher", True):
+                # Inductor's pattern-matcher passes are the part of it that differs most between devices (the
+                # pcgrad preset's graphs failed on CUDA with a bare AssertionError, and compile on CPU). Once
+                # more without them before giving up on the compiler: slower kernels beat eager ones.
+                self.retried = True
+                print(f"note: torch.compile of {self.name} failed ({describe(e)}); compiling it again without "
+                      "Inductor's pattern-matcher passes", file=sys.stderr, flush=True)
+                if self.reset is not None:
+                    self.reset()
+                self.options = {**self.options, "pattern_matcher": False}
+                self.options.pop("post_grad_custom_pre_pass", None)
+                self.compiled = torch.compile(self.fn, options=self.options, dynamic=False, fullgraph=self.fullgraph)
+                return self(*args)
             if strict():
                 raise CompileFallbackError(f"torch.compile of {self.name} failed with MTRL_COMPILE_STRICT set: "
                                            f"{describe(e)}") from e

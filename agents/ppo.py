@@ -388,7 +388,8 @@ class MTPPO:
         used = compiled.resolve(mode, self.device, [self.critic_method, self.actor_method], [self.actor, self.critic])
         if used != "off":
             reset = lambda: [g.zero() for g in self.grads.values()]  # noqa: E731
-            self._grad_fns = {name: compiled.Compiled(fn, used, f"the PPO {name} gradient", reset)
+            self._grad_fns = {name: compiled.Compiled(fn, used, f"the PPO {name} gradient", reset,
+                                                      small_matmul=self.device.type == "cpu")
                               for name, fn in self._gradient_functions().items()}
         return used
 

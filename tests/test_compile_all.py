@@ -137,6 +137,23 @@ def test_strict_mode_turns_a_fallback_into_an_error(strict, monkeypatch, one_thr
         c(torch.ones(2))
 
 
+def test_a_failing_inductor_pass_is_retried_without_the_pattern_matcher(monkeypatch, capsys, one_thread):
+    """An assertion inside Inductor's passes (the pcgrad preset on CUDA) compiles once more without the
+    pattern-matcher passes (and without our custom pass) before it would fall back to eager."""
+    from agents import compiled, small_matmul
+
+    def broken(self, graph):
+        raise AssertionError
+
+    monkeypatch.setattr(small_matmul.SmallMatmulPass, "__call__", broken)
+    c = compiled.Compiled(lambda x: (x * 2).sin() + 1, "default", "the toy step")
+    x = torch.arange(4.0)
+    torch.testing.assert_close(c(x), (x * 2).sin() + 1)
+    assert c.compiled is not None and c.retried and c.options["pattern_matcher"] is False
+    err = capsys.readouterr().err
+    assert "compiling it again without Inductor's pattern-matcher passes" in err and "AssertionError" in err
+
+
 # ------------------------------------------------------------------------------------- presets, real sizes
 def _preset_agent(name, suite="mt10"):
     """A preset's real network and SAC settings on MT10's sizes (10 tasks, obs 39, action 4)."""
