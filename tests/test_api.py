@@ -37,7 +37,10 @@ def test_readme_snippet_trains_loads_acts_and_evaluates(tmp_path, monkeypatch, o
     padded[:3] = scope["obs"]
     assert np.array_equal(policy.act(padded, 0), scope["action"])
     both = policy.act(np.stack([padded, padded]), ["Pendulum-v1", "MountainCarContinuous-v0"])
-    assert both.shape == (2, policy.suite.act_dim) and both[0, 0] == scope["action"][0]
+    # A batch of 2 goes through other BLAS kernels than a single row (MKL picks them by size and thread count), so
+    # the same row agrees to float rounding, not bit for bit (it differed in the last bit on this machine).
+    assert both.shape == (2, policy.suite.act_dim)
+    np.testing.assert_allclose(both[0, 0], scope["action"][0], rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="unknown task 'nope'; valid: Pendulum-v1"):
         policy.act(scope["obs"], "nope")
     # mtrl.evaluate reproduces the run's final evaluation (same protocol, same seeds).
