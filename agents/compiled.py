@@ -40,6 +40,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+import types
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
@@ -94,10 +95,10 @@ class Compiled:
         self.options: Optional[Dict[str, Any]] = None
         if backend == "inductor":
             self.options = inductor_options(mode, small_matmul)
-            self.compiled: Optional[Callable] = torch.compile(fn, options=self.options, dynamic=False,
+            self.compiled: Optional[Callable] = torch.compile(own_code(fn), options=self.options, dynamic=False,
                                                               fullgraph=fullgraph)
         else:  # a test knob: "aot_eager" builds the same one graph (Dynamo + AOTAutograd) without Inductor's codegen
-            self.compiled = torch.compile(fn, backend=backend, dynamic=False, fullgraph=fullgraph)
+            self.compiled = torch.compile(own_code(fn), backend=backend, dynamic=False, fullgraph=fullgraph)
         self.first = True
         self.retried = False  # compiled again without Inductor's pattern-matcher passes after a failure
         self.seconds = 0.0
@@ -125,7 +126,8 @@ class Compiled:
                     self.reset()
                 self.options = {**self.options, "pattern_matcher": False}
                 self.options.pop("post_grad_custom_pre_pass", None)
-                self.compiled = torch.compile(self.fn, options=self.options, dynamic=False, fullgraph=self.fullgraph)
+                self.compiled = torch.compile(own_code(self.fn), options=self.options, dynamic=False,
+                                              fullgraph=self.fullgraph)
                 return self(*args)
             if strict():
                 raise CompileFallbackError(f"torch.compile of {self.name} failed with MTRL_COMPILE_STRICT set: "
@@ -163,10 +165,25 @@ def describe(e: BaseException) -> str:
     return f"{type(e).__name__}: {msg}{where}"
 
 
+def own_code(fn: Callable) -> Callable:
+    """``fn`` (a function or bound method) with a code object of its own. Dynamo keeps its compiled graphs per
+    code object, so every agent compiling ``MTSAC.full_step`` filled one shared cache: its guards were checked
+    against every agent's entry, and past the recompile limit a ``fullgraph`` compile failed (a sweep, the tests).
+    With its own code object each ``Compiled`` has its own cache, freed with it."""
+    f = getattr(fn, "__func__", fn)
+    if not isinstance(f, types.FunctionType):
+        return fn
+    g = types.FunctionType(f.__code__.replace(), f.__globals__, f.__name__, f.__defaults__, f.__closure__)
+    g.__kwdefaults__, g.__qualname__, g.__doc__ = f.__kwdefaults__, f.__qualname__, f.__doc__
+    bound = getattr(fn, "__self__", None)
+    return types.MethodType(g, bound) if bound is not None else g
+
+
 def raise_recompile_limit(limit: int = 64) -> None:
-    """Every agent in a process compiles the same code objects (``MTSAC.full_step``...), each agent a new entry of
-    Dynamo's per-code cache; past its limit (8) a ``fullgraph`` compile fails. A sweep, the tests or a notebook
-    build more agents than that in one process, so the limit is raised (the name changed in torch 2.6)."""
+    """The split form's graph breaks compile the frames of shared inner functions (``MTSAC.critic_grads``...) whose
+    code objects all agents share (:func:`own_code` covers only the top level): past Dynamo's per-code limit (8
+    entries) those would fall back. A sweep, the tests or a notebook build more agents than that in one process,
+    so the limit is raised (the name changed in torch 2.6)."""
     cfg = torch._dynamo.config
     for name in ("recompile_limit", "cache_size_limit"):
         if hasattr(cfg, name) and getattr(cfg, name) < limit:
