@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 "--set critic_backbone_kwargs.KEY=VALUE")
     a("--seed", type=int)
     a("--total-steps", type=int, help="env steps summed over all tasks (MT10 at 2M/task: 20000000)")
-    a("--workers", type=int, help="Ray rollout actors; 0 = one in-process worker (default 2)")
+    a("--workers", type=int, help="Ray rollout actors; 0 = one in-process worker (default: min(env slots, "
+                                  "cores - 2), at least 1; 2 capped at the slots with --address)")
     a("--envs-per-task", type=int, help="environments per task, spread over the workers (default 1); --workers "
                                         "may then go up to tasks x envs-per-task")
     a("--worker-cpus", type=float, help="CPUs reserved per Ray worker (default 1)")
