@@ -29,9 +29,10 @@ the first update (one to four minutes for the whole MT-SAC update on a 2-core CP
 longest for the MoE backbones; the time is printed) and again after a resume (then mostly from Inductor's on-disk
 cache).
 
-Every graph is compiled with :class:`agents.small_matmul.SmallMatmulPass`: on CPU, the small matrix products of
-narrow networks become generated loops fused with their neighbours instead of BLAS calls (MKL is slow on skinny
-products; see that module). ``MTSAC.compile(small_matmul=False)`` turns it off (``scripts/bench_learner.py
+On CPUs where it pays (not Intel ones: ``agents.small_matmul.pays_here``) every graph is compiled with
+:class:`agents.small_matmul.SmallMatmulPass`: the small matrix products of narrow networks become generated loops
+fused with their neighbours instead of BLAS calls (MKL was slow on skinny products on an AMD EPYC, fast on an Intel
+Xeon; see that module). ``MTSAC.compile(small_matmul=True|False)`` forces it (``scripts/bench_learner.py
 --ablate-small-matmul`` measures what it buys).
 """
 

@@ -387,9 +387,11 @@ class MTPPO:
         """Compile the minibatch gradients of both networks (``agents/compiled.py``); returns the mode used."""
         used = compiled.resolve(mode, self.device, [self.critic_method, self.actor_method], [self.actor, self.critic])
         if used != "off":
+            from agents.small_matmul import pays_here
+
             reset = lambda: [g.zero() for g in self.grads.values()]  # noqa: E731
             self._grad_fns = {name: compiled.Compiled(fn, used, f"the PPO {name} gradient", reset,
-                                                      small_matmul=self.device.type == "cpu")
+                                                      small_matmul=self.device.type == "cpu" and pays_here())
                               for name, fn in self._gradient_functions().items()}
         return used
 

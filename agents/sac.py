@@ -540,7 +540,7 @@ class MTSAC:
         ainfo = method_grads(self.actor, self.actor_method, actor_loss, ab, self.task_ids, self.actor_task_specific)
         return ainfo, ab, alpha_losses, -logp.view(T, B).mean(1)
 
-    def compile(self, mode: str = "auto", one_graph: Optional[bool] = None, small_matmul: bool = True,
+    def compile(self, mode: str = "auto", one_graph: Optional[bool] = None, small_matmul: Optional[bool] = None,
                 capture: Optional[bool] = None) -> str:
         """Compile the update (``agents/compiled.py``); returns the mode used.
 
@@ -554,8 +554,9 @@ class MTSAC:
         ``pcgrad``, the two whose one graph is tested against eager; in scripts/bench_learner.py on the 2-core CPU
         one graph beat the split form at width 8 by 23-68% (mtsac) and 50-70% (pcgrad), and was within -7%..+3% of
         it at 3 x 400, in three runs); the
-        other compilable methods keep the split unless ``one_graph=True``. ``small_matmul=False``: without
-        the CPU small-matmul graph pass (``agents/small_matmul.py``), for measuring what it buys.
+        other compilable methods keep the split unless ``one_graph=True``. ``small_matmul``: the CPU small-matmul
+        graph pass (``agents/small_matmul.py``): None (default) where it pays (``small_matmul.pays_here``: not on
+        Intel CPUs), True/False to force it (``scripts/bench_learner.py --ablate-small-matmul`` measures it).
 
         ``capture`` (None: True on CUDA, False elsewhere): the compiled step (:meth:`run_step`) behind
         :class:`agents.graphed.GraphedUpdate`: static input buffers, the noise drawn into them, and on CUDA one
@@ -565,6 +566,10 @@ class MTSAC:
         if capture is None:
             capture = self.device.type == "cuda"
         # The pass rewrites CPU products only; elsewhere it would only add a custom pass to Inductor's pipeline.
+        if small_matmul is None:
+            from agents.small_matmul import pays_here
+
+            small_matmul = pays_here()
         small_matmul = small_matmul and self.device.type == "cpu"
         used = compiled.resolve(mode, self.device, [self.critic_method, self.actor_method], [self.actor, self.critic],
                                 capture=capture)

@@ -15,6 +15,12 @@ products (M·K·N ≥ 20M) stay with BLAS, which is fast there; of the rules tri
 with a short reduction) this one measured best (``--ablate-small-matmul`` in ``scripts/bench_learner.py`` measures
 the pass against none; README *Speed*).
 
+Where: only on CPUs where it pays (:func:`pays_here`). On the AMD EPYC machine of issue 11 it bought +19% to +54%
+at width 8; on an Intel Xeon (issue 21, same 2 cores, one thread; ``bench_learner.py --widths 8 --ablate-small-matmul``,
+two runs) MKL is fast on these products and the pass cost 13-15% (mtsac 2.80/2.92x eager with it, 3.30/3.35x
+without; pcgrad 2.95/3.12x, 3.19/3.53x). So ``MTSAC.compile(small_matmul=None)`` (the default) applies it where the
+CPU is not an Intel one; ``True``/``False`` force it.
+
 Use: ``torch.compile(fn, options={"post_grad_custom_pre_pass": SmallMatmulPass()})`` (``agents/compiled.py`` does
 this on CPU). ``uuid`` keys Inductor's cache on this file and the thresholds, so a changed rule never reuses an old
 graph.
@@ -38,6 +44,20 @@ MAX_DIM = 64  # the reduced size K and the smaller of the output's (M, N)
 _PATTERNS = PatternMatcherPass(pass_name="mtrl_small_matmul")
 _limits = {"max_macs": MAX_MACS, "max_dim": MAX_DIM}
 REWRITES: Counter = Counter()  # products rewritten since import, by op ("mm", "addmm"): for tests and diagnostics
+
+
+def pays_here() -> bool:
+    """Whether the pass is on by default on this machine: not on an Intel CPU (``vendor_id`` GenuineIntel in
+    /proc/cpuinfo), where MKL's skinny products are fast and the pass measured slower; on elsewhere (AMD, where it
+    was measured faster, and CPUs this cannot identify)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return "GenuineIntel" not in line
+    except OSError:
+        pass
+    return True
 
 
 def is_small(a: torch.fx.Node, b: torch.fx.Node, max_macs: int = MAX_MACS, max_dim: int = MAX_DIM) -> bool:

@@ -13,7 +13,8 @@ shown separately and excluded from the timing. For SAC on CUDA a third agent is 
 column says whether the graph was captured and how often it was replayed. ``--split`` adds, for SAC, the earlier compiled form (only the
 critic and actor gradients compiled, the optimizer steps eager: ``MTSAC.compile(one_graph=False)``) as a third
 column, so the gain of the one-graph update is measured in the same run. ``--ablate-small-matmul`` adds the
-compiled update without the small-matmul graph pass (``agents/small_matmul.py``) as a column. "matmuls-only" is
+compiled update with the other setting of the small-matmul graph pass (``agents/small_matmul.py``) as a column:
+"no-pass" where the pass is on by default, "with-pass" where it is off (Intel CPUs, ``small_matmul.pays_here``). "matmuls-only" is
 the rate of an update that spent nothing but the eager update's matrix-multiply kernel time (profiled,
 ``matmul_seconds``): the ceiling for any compiled form that does the same arithmetic with these BLAS kernels, and so
 the largest compiled/eager ratio this machine allows at that size unless the products leave BLAS (at small widths
@@ -98,7 +99,7 @@ def takes_capture(agent: Any) -> bool:
 
 
 def sac_agent(name: str, width: Optional[int], device: torch.device, mode: str, one_graph: Optional[bool] = None,
-              small_matmul: bool = True, capture: Optional[bool] = None):
+              small_matmul: Optional[bool] = None, capture: Optional[bool] = None):
     """An MTSAC for ``name`` (:func:`case_spec`) at MT10 size, compiled with ``mode`` (``off``: eager);
     ``capture`` is passed on where ``compile`` takes it. Returns (agent, the mode used)."""
     torch.manual_seed(0)
@@ -122,14 +123,14 @@ def sac_batch(device: torch.device, seed: int = 0) -> Dict[str, torch.Tensor]:
 
 
 def sac_case(name: str, width: int, device: torch.device, mode: str, one_graph: Optional[bool] = None,
-             small_matmul: bool = True, capture: Optional[bool] = None):
+             small_matmul: Optional[bool] = None, capture: Optional[bool] = None):
     agent, used = sac_agent(name, width, device, mode, one_graph, small_matmul, capture)
     batch = sac_batch(device)
     return (lambda: agent.update(batch)), used, agent
 
 
 def ppo_case(name: str, width: int, device: torch.device, mode: str,
-             one_graph: Optional[bool] = None, small_matmul: bool = True, capture: Optional[bool] = None):
+             one_graph: Optional[bool] = None, small_matmul: Optional[bool] = None, capture: Optional[bool] = None):
     spec = case_spec(name, width)
     torch.manual_seed(0)
     cfg = PPOConfig(epochs=1, minibatches=1)
@@ -223,8 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--one-graph", action="store_true",
                     help="SAC: compile the whole update as one graph for every method (default: mtsac only)")
     ap.add_argument("--ablate-small-matmul", action="store_true",
-                    help="SAC: also time the compiled update without the small-matmul graph pass "
-                         "(agents/small_matmul.py), so what it buys is measured in the same run")
+                    help="SAC: also time the compiled update with the other setting of the small-matmul graph pass "
+                         "(agents/small_matmul.py: without it where it is on by default, with it on Intel CPUs), "
+                         "so what it buys is measured in the same run")
     ap.add_argument("--profile", action="store_true",
                     help="also print where one compiled update's time goes (torch.profiler, top ops by self time)")
     return ap
@@ -235,7 +237,10 @@ def main(argv=None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("--device cuda: no CUDA device is visible to torch; valid here: cpu", file=sys.stderr)
         return 2
+    from agents.small_matmul import pays_here
     from mtrl.base_trainer import apply_matmul_precision
+
+    pass_default = pays_here() and args.device == "cpu"  # what MTSAC.compile(small_matmul=None) does here
 
     names = [n for n in args.methods.split(",") if n]
     for name in names:
@@ -262,9 +267,9 @@ def main(argv=None) -> int:
                                                         one_graph=True if args.one_graph else None, capture=True)
                 if split:
                     fns["split"] = case(name, width, device, args.compile, one_graph=False, capture=False)[0]
-                if ablate:
+                if ablate:  # the other side of the pass's default here (off where it does not pay: with it)
                     fns["no pass"] = case(name, width, device, args.compile,
-                                          one_graph=True if args.one_graph else None, small_matmul=False,
+                                          one_graph=True if args.one_graph else None, small_matmul=not pass_default,
                                           capture=False)[0]
                 t0 = time.perf_counter()
                 fns["compiled"]()
@@ -310,10 +315,11 @@ def main(argv=None) -> int:
                 rows.append((algo, name, str(width), f"{e:.1f}", f"{c:.1f}", f"{c / e:.2f}", *graph_cols, *extra,
                              f"{floor:.1f}", f"{floor / e:.2f}", used, f"{compile_s:.0f}", graph_s))
                 print("  " + " | ".join(rows[-1]), flush=True)
+    flip = "no-pass" if pass_default else "with-pass"
     head = ("algo", "method", "width", "eager upd/s", "compiled upd/s", "compiled/eager", "graph upd/s",
             "graph/eager",
             *(("split upd/s", "split/eager") if args.split else ()),
-            *(("no-pass upd/s", "no-pass/eager") if args.ablate_small_matmul else ()),
+            *((f"{flip} upd/s", f"{flip}/eager") if args.ablate_small_matmul else ()),
             "matmuls-only upd/s", "matmuls-only/eager",
             "mode", "compile s", "graph s")
     print("\n| " + " | ".join(head) + " |\n|" + "---|" * len(head))

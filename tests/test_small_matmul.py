@@ -72,3 +72,15 @@ def test_options_keep_the_mode_and_add_the_pass():
     assert opts["max_autotune"] is True and isinstance(opts["post_grad_custom_pre_pass"],
                                                        small_matmul.SmallMatmulPass)
     assert small_matmul.SmallMatmulPass().uuid() != small_matmul.SmallMatmulPass(max_dim=8).uuid()
+
+
+def test_the_pass_is_on_by_default_except_on_intel_cpus(monkeypatch, tmp_path):
+    """Measured: +19-54% at width 8 on the AMD EPYC machine, -13-15% on an Intel Xeon (agents/small_matmul.py)."""
+    import builtins
+
+    real_open = builtins.open
+    for vendor, on in (("GenuineIntel", False), ("AuthenticAMD", True)):
+        info = tmp_path / vendor
+        info.write_text(f"processor\t: 0\nvendor_id\t: {vendor}\n")
+        monkeypatch.setattr(builtins, "open", lambda p, *a, **k: real_open(info if p == "/proc/cpuinfo" else p, *a, **k))
+        assert small_matmul.pays_here() is on
