@@ -74,7 +74,13 @@ def _assert_compiled(agent, capsys):
 
 @pytest.fixture
 def strict(monkeypatch):
+    """A fallback raises; and Inductor draws random numbers as eager does (``fallback_random``: MENTOR's gate
+    dropout would otherwise get other masks from Inductor's own generator, so compiled and eager losses differ by
+    the dropout, not by the compilation)."""
     monkeypatch.setenv("MTRL_COMPILE_STRICT", "1")
+    import torch._inductor.config as inductor_config
+
+    monkeypatch.setattr(inductor_config, "fallback_random", True)
 
 
 # ------------------------------------------------------------------------------------- the captured-update layer
