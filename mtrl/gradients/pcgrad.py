@@ -50,7 +50,7 @@ def pcgrad_weights(gramian: Tensor, orders: Tensor) -> Tensor:
 class PCGrad(GramianMethod):
     name = "pcgrad"
     graph_safe = True
-    one_graph = True  # scripts/bench_learner.py: one graph 4.2-4.7x eager at width 8, the split form 2.6-3.1x (3 runs)
+    one_graph = True  # scripts/bench_learner.py (AMD EPYC): one graph 4.2-4.7x eager at width 8, the split form 2.6-3.1x (3 runs)
 
     def weights(self, gramian: Tensor) -> Tensor:
         t = gramian.shape[0]
