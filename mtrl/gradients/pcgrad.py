@@ -50,7 +50,9 @@ def pcgrad_weights(gramian: Tensor, orders: Tensor) -> Tensor:
 class PCGrad(GramianMethod):
     name = "pcgrad"
     graph_safe = True
-    one_graph = True  # scripts/bench_learner.py (AMD EPYC): one graph 4.2-4.7x eager at width 8, the split form 2.6-3.1x (3 runs)
+    # scripts/bench_learner.py: one graph 4.2-4.7x eager at width 8, the split form 2.6-3.1x (AMD EPYC, 3 runs);
+    # 3.38x and 2.13x on the Intel Xeon of issue 21.
+    one_graph = True
 
     def weights(self, gramian: Tensor) -> Tensor:
         t = gramian.shape[0]
