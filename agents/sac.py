@@ -553,7 +553,8 @@ class MTSAC:
         ``one_graph=None`` (default): one graph where both methods say so (``Method.one_graph``: ``mtsac`` and
         ``pcgrad``, the two whose one graph is tested against eager; in scripts/bench_learner.py on the 2-core AMD
         EPYC one graph beat the split form at width 8 by 23-68% (mtsac) and 50-70% (pcgrad), and was within
-        -7%..+3% of it at 3 x 400, in three runs; on the Intel Xeon of issue 21 by 29% and 59%, and 1-2% behind it at 3 x 400); the
+        -7%..+3% of it at 3 x 400, in three runs; on the Intel Xeon of issue 21 by 29% and 59%, and 1-2% behind
+        it at 3 x 400); the
         other compilable methods keep the split unless ``one_graph=True``. ``small_matmul``: the CPU small-matmul
         graph pass (``agents/small_matmul.py``): None (default) where it pays (``small_matmul.pays_here``: not on
         Intel CPUs), True/False to force it (``scripts/bench_learner.py --ablate-small-matmul`` measures it).
