@@ -319,7 +319,7 @@ class MTSAC:
         self._critic_grads, self._actor_grads = self.critic_grads, self.actor_grads
         self._full: Optional[compiled.Compiled] = None  # the whole update in one graph (compile())
         self._full_ready = False  # every optimizer has its state: the full graph can step it (plain_adam_ready)
-        self.graph: Optional[Any] = None  # the update as one captured graph (compile(capture=...), agents/graphed.py)
+        self.graph: Optional[Any] = None  # the update as one captured graph (compile(capture=...), graphed.py)
 
     # --- per-task losses (one task's slice; vmapped over the task axis) ---------------------------------------
     def critic_loss_one(self, params: Dict[str, Tensor], b: Dict[str, Tensor], task: Tensor, *,
