@@ -566,11 +566,11 @@ class MTSAC:
         another device the replay is a direct call, so CPU tests drive the same layer."""
         if capture is None:
             capture = self.device.type == "cuda"
-        # The pass rewrites CPU products only; elsewhere it would only add a custom pass to Inductor's pipeline.
         if small_matmul is None:
             from agents.small_matmul import pays_here
 
             small_matmul = pays_here()
+        # The pass rewrites CPU products only; elsewhere it would only add a custom pass to Inductor's pipeline.
         small_matmul = small_matmul and self.device.type == "cpu"
         used = compiled.resolve(mode, self.device, [self.critic_method, self.actor_method], [self.actor, self.critic],
                                 capture=capture)
